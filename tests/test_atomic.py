@@ -1,0 +1,22 @@
+import pytest
+
+from lvm_pl import atomic
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    p = tmp_path / "a" / "out.json"
+    atomic.write_json(p, {"x": 1})
+    atomic.write_json(p, {"x": 2})
+    assert p.read_text().strip().endswith("}")
+    assert '"x": 2' in p.read_text()
+    assert [f.name for f in p.parent.iterdir()] == ["out.json"]
+
+
+def test_failure_leaves_previous_file_and_no_temp(tmp_path):
+    p = tmp_path / "out.txt"
+    atomic.write_text(p, "good")
+    with pytest.raises(RuntimeError), atomic.atomic_path(p) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert p.read_text() == "good"
+    assert [f.name for f in tmp_path.iterdir()] == ["out.txt"]
