@@ -18,6 +18,7 @@ from lvm_pl.console import UserError
 # Commands that are not Trainer entries: name -> "module:function". jsonargparse builds each one's CLI from its
 # signature and docstring, so adding a command is adding one line here.
 COMMANDS: dict[str, str] = {
+    "preview-data": "datamodules.preview:preview_data",
 }
 
 TRAINER_DEFAULTS = {
