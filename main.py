@@ -1,7 +1,7 @@
 """lvm-pl's command line: the Lightning stages (fit, validate, test, predict) and the non-Trainer commands.
 
-    python main.py fit -c configs/vqgan/tiny.yaml -c configs/data/builtin.yaml
-    python main.py export-hf --help
+python main.py fit -c configs/vqgan/tiny.yaml -c configs/data/builtin.yaml
+python main.py export-hf --help
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ TRAINER_DEFAULTS = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "default"},
     },
+    "plugins": [{"class_path": "lvm_pl.checkpoint_io.AtomicCheckpointIO"}],
 }
 
 

@@ -40,5 +40,5 @@ def grid(rows: list[list[np.ndarray | None]], pad: int = 2, background: int = 25
         for j, cell in enumerate(row):
             if cell is not None:
                 y, x = pad + i * (h + pad), pad + j * (w + pad)
-                out[y:y + h, x:x + w] = cell
+                out[y : y + h, x : x + w] = cell
     return out

@@ -28,8 +28,9 @@ class TokenLayout:
 
     def __post_init__(self) -> None:
         if self.codebook_size < 2 or self.tokens_per_image < 1:
-            raise UserError(f"token layout: bad codebook_size={self.codebook_size} or tokens_per_image="
-                            f"{self.tokens_per_image}")
+            raise UserError(
+                f"token layout: bad codebook_size={self.codebook_size} or tokens_per_image={self.tokens_per_image}"
+            )
         if self.num_special < 2:
             raise UserError(f"token layout: num_special={self.num_special} must be >= 2 (BOS and EOS)")
 
@@ -89,7 +90,7 @@ class TokenLayout:
 
     def images(self, sentence: torch.Tensor) -> torch.Tensor:
         """Inverse of `sentence`: [L] -> [N, tokens_per_image] codebook ids (specials stripped)."""
-        body = sentence[int(self.add_bos): len(sentence) - int(self.add_eos)]
+        body = sentence[int(self.add_bos) : len(sentence) - int(self.add_eos)]
         if len(body) % self.tokens_per_image:
             raise ValueError(f"sentence body of {len(body)} tokens is not whole images of {self.tokens_per_image}")
         return body.reshape(-1, self.tokens_per_image)
@@ -101,5 +102,7 @@ class TokenLayout:
     def check_compatible(self, vocab_size: int, where: str) -> None:
         """Raise a clear error when a model's vocabulary cannot hold this layout."""
         if vocab_size != self.vocab_size:
-            raise UserError(f"{where}: token layout needs vocabulary {self.vocab_size} (codebook {self.codebook_size}"
-                            f" + {self.num_special} special ids) but the model has {vocab_size}")
+            raise UserError(
+                f"{where}: token layout needs vocabulary {self.vocab_size} (codebook {self.codebook_size}"
+                f" + {self.num_special} special ids) but the model has {vocab_size}"
+            )

@@ -1,0 +1,31 @@
+"""Checkpoint writes that never clobber a good checkpoint.
+
+Lightning's default saves through an fsspec transaction whose temp file lives in the system temp dir, so on
+clusters (checkpoints on a network filesystem) the final move is a copy and a kill mid-copy leaves a truncated file.
+Here the temp file sits next to the target and is fsynced, then renamed: the old file stays loadable until the new
+one is complete.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+
+from lvm_pl.atomic import atomic_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` that writes local checkpoints with temp file + fsync + rename (remote paths: Lightning's)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        protocol = get_filesystem(path).protocol
+        if "file" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
+            return super().save_checkpoint(checkpoint, path)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
