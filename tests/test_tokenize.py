@@ -1,0 +1,192 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from torch.utils.data import DataLoader, Dataset
+
+from callbacks.token_writer import RunLock, TokenWriter
+from datamodules.tokens import TokenDataModule
+from lvm_pl import shards
+from lvm_pl.console import UserError
+from lvm_pl.tokens import TokenLayout
+
+IMAGE_SIZE, F_DOWN, K = 8, 4, 16
+
+
+class FakeTokenizer(LightningModule):
+    """Stands in for the VQGAN: `encode` buckets each 4x4 patch's mean; `predict_step` follows the VQGAN contract."""
+
+    codebook_size, downsample_factor = K, F_DOWN
+
+    def __init__(self, fail_at_batch: int = -1, checkpoint: str | None = None):
+        super().__init__()
+        self.fail_at_batch, self.checkpoint = fail_at_batch, checkpoint
+
+    def encode(self, images):  # [B, 3, H, W] in [-1, 1] -> [B, h, w]
+        pooled = F.avg_pool2d(images.mean(1, keepdim=True), F_DOWN)[:, 0]
+        return ((pooled + 1) / 2 * K).long().clamp(0, K - 1)
+
+    def predict_step(self, batch, batch_idx):
+        if batch_idx == self.fail_at_batch:
+            raise RuntimeError("simulated crash")
+        b, n = batch["images"].shape[:2]
+        tokens = self.encode(batch["images"].flatten(0, 1)).unflatten(0, (b, n))  # [B, N, h, w]
+        return {"tokens": tokens, "num_images": batch["num_images"], "kind": batch["kind"], "index": batch["index"]}
+
+
+class _Sentences(Dataset):
+    def __init__(self, count):
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        n = 1 + i % 3
+        g = torch.Generator().manual_seed(i)
+        return torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1, f"kind{i % 2}", i
+
+
+def _collate(items):
+    n = max(x[0].shape[0] for x in items)
+    images = torch.zeros(len(items), n, 3, IMAGE_SIZE, IMAGE_SIZE)
+    for b, (x, _, _) in enumerate(items):
+        images[b, : len(x)] = x
+    return {
+        "images": images,
+        "num_images": torch.tensor([len(x[0]) for x in items]),
+        "kind": [x[1] for x in items],
+        "index": torch.tensor([x[2] for x in items]),
+    }
+
+
+class FakeSentenceData(LightningDataModule):
+    """Stands in for VisualSentenceDataModule(unit="sentence"): same batch dict, `image_size`, `predict_split`."""
+
+    def __init__(self, count: int = 23, batch_size: int = 4, predict_split: str = "train"):
+        super().__init__()
+        self.count, self.batch_size, self.predict_split, self.image_size = count, batch_size, predict_split, IMAGE_SIZE
+
+    def predict_dataloader(self):
+        return DataLoader(_Sentences(self.count), batch_size=self.batch_size, collate_fn=_collate)
+
+
+def _tokenize(out, fail_at_batch=-1, shard_tokens=40, checkpoint=None, **data):
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TokenWriter(str(out), split="train", shard_tokens=shard_tokens, num_special=4)],
+    )
+    trainer.predict(FakeTokenizer(fail_at_batch, checkpoint), FakeSentenceData(**data), return_predictions=False)
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_tokenize_shards_windows_reproduce_encode(tmp_path):
+    ckpt = tmp_path / "tok.ckpt"
+    ckpt.write_bytes(b"weights")
+    _tokenize(tmp_path / "out", checkpoint=str(ckpt))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    layout = TokenLayout.from_dict(manifest["layout"])
+    assert layout == TokenLayout(codebook_size=K, tokens_per_image=4, num_special=4)
+    assert manifest["tokenizer"]["sha256"] == shards.sha256_file(ckpt)
+    assert manifest["counts"]["sentences"] == 23 and manifest["counts"]["images"] == sum(1 + i % 3 for i in range(23))
+    assert manifest["image_size"] == IMAGE_SIZE and manifest["counts"]["shards"] > 1
+    # the documented layout, rebuilt from the tokenizer's own encode output
+    model, data = FakeTokenizer(), _Sentences(23)
+    expected = torch.cat([layout.sentence(model.encode(data[i][0])) for i in range(23)])
+    dm = TokenDataModule(train=str(tmp_path / "out"), seq_len=16, batch_size=4, shuffle=False)
+    dm.setup("fit")
+    labels = torch.cat([b["labels"] for b in dm.train_dataloader()]).flatten()
+    assert torch.equal(labels[labels != -100], expected[1:])
+    kinds = [
+        idx.kinds[k]
+        for p in shards.complete_shards(tmp_path / "out")
+        for idx in [shards.read_shard_index(p)]
+        for k in idx.kind
+    ]
+    assert kinds == [f"kind{i % 2}" for i in range(23)]
+    assert not list((tmp_path / "out").glob(".lock*")), "the lock is released at the end"
+
+
+def test_interrupted_run_resumes_to_identical_shards(tmp_path):
+    _tokenize(tmp_path / "ref")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _tokenize(tmp_path / "run", fail_at_batch=4)
+    written = [p.name for p in shards.complete_shards(tmp_path / "run")]
+    assert 0 < len(written) < len(shards.complete_shards(tmp_path / "ref"))
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    _tokenize(tmp_path / "run")
+    assert _files(tmp_path / "run") == _files(tmp_path / "ref")
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import test_tokenize as t
+from callbacks.token_writer import TokenWriter
+orig = TokenWriter._flush
+def flush_then_die(self):
+    orig(self)
+    if self._seq == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all: the lock and any temp files stay behind
+TokenWriter._flush = flush_then_die
+t._tokenize({out!r})
+"""
+
+
+def test_killed_run_leaves_stale_lock_that_is_taken_over(tmp_path):
+    _tokenize(tmp_path / "ref")
+    script = _KILL_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path / "run"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "run" / ".lock-train-r00000").exists()
+    assert len(shards.complete_shards(tmp_path / "run")) == 2
+    with pytest.warns(UserWarning, match="taking over the lock of dead process"):
+        _tokenize(tmp_path / "run")
+    assert _files(tmp_path / "run") == _files(tmp_path / "ref")
+
+
+def test_concurrent_run_is_refused(tmp_path):
+    lock = RunLock(tmp_path / "out" / ".lock-train-r00000")
+    lock.acquire()  # this live process holds it, as a running tokenize would
+    with pytest.raises(UserError, match=r"another tokenize run .* is writing into this directory"):
+        _tokenize(tmp_path / "out")
+    lock.release()
+    _tokenize(tmp_path / "out")
+
+
+def test_resume_refuses_a_different_setup(tmp_path):
+    with pytest.raises(RuntimeError):
+        _tokenize(tmp_path / "out", fail_at_batch=4)
+    ckpt = tmp_path / "other.ckpt"
+    ckpt.write_bytes(b"other weights")
+    with pytest.raises(UserError, match="tokenizer_sha256"):
+        _tokenize(tmp_path / "out", checkpoint=str(ckpt))
+    with pytest.raises(UserError, match="predicts split 'val'"):
+        _tokenize(tmp_path / "out2", predict_split="val")
+
+
+def test_writer_rejects_bad_arguments():
+    with pytest.raises(UserError, match="split='a-b'"):
+        TokenWriter("out", split="a-b")
+    with pytest.raises(UserError, match="shard_tokens=0"):
+        TokenWriter("out", shard_tokens=0)
+
+
+def test_uint16_storage_round_trips_all_ids(tmp_path):
+    layout = TokenLayout(codebook_size=K, tokens_per_image=4, num_special=4)
+    imgs = [np.arange(K).reshape(4, 4)]
+    shards.write_split(tmp_path, "train", layout, imgs)
+    m = shards.load_manifest(tmp_path)
+    assert shards.open_tokens(m.bin_path(m.shards[0]), m.dtype).tolist() == [K, *range(K), K + 1]
