@@ -1,0 +1,164 @@
+"""`VisualSentenceDataModule`: one DataModule for both stages, single images (VQGAN) or whole sentences (tokenizing,
+evaluation, on-the-fly LVM training), from any `SentenceSource`. Images reach modules as float32 in [-1, 1]."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.imageio import fit_image
+from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence
+from lvm_pl.console import UserError
+from lvm_pl.images import to_tensor
+
+__all__ = ["SentenceDataset", "VisualSentence", "VisualSentenceDataModule", "collate_sentences"]
+
+
+class SentenceDataset(Dataset):
+    """Map-style view of one split: item `k` is image `k` of the split's flattened images (`unit="image"`) or
+    sentence `k` (`unit="sentence"`). Map-style, so Lightning gives each DDP rank a disjoint DistributedSampler."""
+
+    def __init__(self, dm: VisualSentenceDataModule, split: str, unit: str) -> None:
+        self.dm, self.split, self.unit = dm, split, unit
+        self.size = dm.source.split_size(split)
+        if unit == "image":
+            lengths = [dm.clip_length(dm.source.num_images(split, i)) for i in range(self.size)]
+            self.starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        self._last: tuple[int, VisualSentence] | None = None  # consecutive images of one sentence are made once
+
+    def __len__(self) -> int:
+        return self.starts[-1] if self.unit == "image" else self.size
+
+    def _sentence(self, index: int) -> VisualSentence:
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self.dm.sentence(self.split, index))
+        return self._last[1]
+
+    def __getitem__(self, k: int) -> dict:
+        if self.unit == "image":
+            i = bisect.bisect_right(self.starts, k) - 1
+            s = self._sentence(i)
+            return {"image": to_tensor(s.images[k - self.starts[i]]), "kind": s.kind}  # [3, H, W]
+        s = self._sentence(k)
+        return {"images": torch.stack([to_tensor(x) for x in s.images]), "kind": s.kind, "index": k}  # [N, 3, H, W]
+
+
+def collate_sentences(items: list[dict]) -> dict:
+    """Sentences of different lengths -> {"images": [B, N, 3, H, W] zero-padded, "num_images", "kind", "index"}."""
+    n = max(it["images"].shape[0] for it in items)
+    first = items[0]["images"]
+    images = first.new_zeros((len(items), n, *first.shape[1:]))
+    for b, it in enumerate(items):
+        images[b, : it["images"].shape[0]] = it["images"]
+    return {
+        "images": images,
+        "num_images": torch.tensor([it["images"].shape[0] for it in items], dtype=torch.long),
+        "kind": [it["kind"] for it in items],
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+    }
+
+
+class VisualSentenceDataModule(LightningDataModule):
+    """Visual sentences from `source`, resized (shorter side to `image_size`, then a centre or random crop).
+
+    `unit="image"` yields {"image": [B, 3, H, W], "kind"}; `unit="sentence"` yields `collate_sentences` batches.
+    Sentences longer than `max_images` are cut; one shorter than `min_images` fails at setup naming its path.
+    `crop="random"` crops training sentences at a position drawn per sentence from the seed (val/test: centre).
+    """
+
+    def __init__(
+        self,
+        source: SentenceSource,
+        image_size: int = 64,
+        unit: Literal["image", "sentence"] = "image",
+        crop: Literal["center", "random"] = "center",
+        min_images: int = 1,
+        max_images: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        predict_split: Literal["train", "val", "test"] = "train",
+    ) -> None:
+        super().__init__()
+        if image_size < 1 or batch_size < 1 or num_workers < 0 or min_images < 1:
+            raise UserError(
+                f"data: image_size={image_size}, batch_size={batch_size}, min_images={min_images} must be >= 1 "
+                f"and num_workers={num_workers} >= 0"
+            )
+        if max_images is not None and max_images < min_images:
+            raise UserError(f"data.max_images={max_images} is below data.min_images={min_images}")
+        self.source, self.image_size, self.unit, self.crop = source, image_size, unit, crop
+        self.min_images, self.max_images = min_images, max_images
+        self.batch_size, self.num_workers, self.seed, self.predict_split = batch_size, num_workers, seed, predict_split
+        self._ready = False
+
+    def setup(self, stage: str | None = None) -> None:
+        """Prepare the source once and check every sentence is long enough."""
+        if self._ready:
+            return
+        self.source.setup(self.image_size, self.seed)
+        for split in SPLITS:
+            for i in range(self.source.split_size(split)):
+                n = self.source.num_images(split, i)
+                if n < self.min_images:
+                    raise UserError(
+                        f"{self.source.describe(split, i)}: {n} images, fewer than data.min_images={self.min_images}"
+                    )
+        self._ready = True
+
+    def clip_length(self, n: int) -> int:
+        """Images kept from a sentence of `n` (after `max_images`)."""
+        return n if self.max_images is None else min(n, self.max_images)
+
+    def split_size(self, split: str) -> int:
+        """Number of sentences in `split`."""
+        self.setup()
+        return self.source.split_size(split)
+
+    def sentence(self, split: str, index: int) -> VisualSentence:
+        """Sentence `index` of `split` as the modules see it (resized, cropped, cut), uint8 images and full `meta`."""
+        self.setup()
+        s = self.source.sentence(split, index)
+        crop = (0.5, 0.5)
+        if self.crop == "random" and split == "train":
+            crop = tuple(np.random.default_rng([self.seed, SPLITS.index(split), index, 1]).random(2))
+        images = [fit_image(x, self.image_size, crop) for x in s.images[: self.clip_length(len(s.images))]]
+        return VisualSentence(images, s.kind, s.meta)
+
+    def sentences(self, split: str) -> Iterator[VisualSentence]:
+        """Every sentence of `split` in index order (e.g. held-out sentences with ground truth for prompting)."""
+        for i in range(self.split_size(split)):
+            yield self.sentence(split, i)
+
+    def dataset(self, split: str) -> SentenceDataset:
+        """The map-style dataset of `split` for this DataModule's `unit`."""
+        self.setup()
+        return SentenceDataset(self, split, self.unit)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_sentences if self.unit == "sentence" else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split, shuffle=False)

@@ -1,0 +1,75 @@
+"""The source interface: a source lists the sentences of each split and produces sentence `i` of a split on demand."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+KINDS = ("sequence", "analogy", "category", "single")
+
+
+@dataclass
+class VisualSentence:
+    """An ordered list of same-size uint8 RGB images ([H, W, 3] each) plus a kind tag and its ground truth.
+
+    `kind` only groups evaluation results (the model never sees it); `meta` carries ground truth and provenance.
+    """
+
+    images: list[np.ndarray]
+    kind: str
+    meta: dict = field(default_factory=dict)
+
+
+class SentenceSource(ABC):
+    """Where sentences come from. `setup` is called once per process before any other method."""
+
+    @abstractmethod
+    def setup(self, image_size: int, seed: int) -> None:
+        """List (or prepare) the sentences of every split; raise `UserError` on bad input."""
+
+    @abstractmethod
+    def split_size(self, split: str) -> int:
+        """Number of sentences in `split`."""
+
+    @abstractmethod
+    def num_images(self, split: str, index: int) -> int:
+        """Number of images of sentence `index` of `split`, without loading it."""
+
+    @abstractmethod
+    def sentence(self, split: str, index: int) -> VisualSentence:
+        """Sentence `index` of `split`; images may be any size (the DataModule resizes and crops them)."""
+
+    def describe(self, split: str, index: int) -> str:
+        """Where sentence `index` comes from, for error messages (a path for file sources)."""
+        return f"{type(self).__name__} {split}[{index}]"
+
+
+def stable_fraction(name: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (name, seed), independent of listing order and Python's hash salt."""
+    digest = hashlib.sha1(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def partition(names: list[str], seed: int, val_fraction: float, test_fraction: float) -> dict[str, list[int]]:
+    """Disjoint train/val/test index lists over `names`, assigned by a seeded hash of each name.
+
+    Sorting by hash (rather than thresholding it) gives exact split sizes; a non-zero fraction of three or more
+    names gets at least one sentence so a small folder still validates.
+    """
+    n = len(names)
+    order = sorted(range(n), key=lambda i: (stable_fraction(names[i], seed), names[i]))
+
+    def count(fraction: float) -> int:
+        k = round(fraction * n)
+        return max(k, 1) if fraction > 0 and n >= 3 else k
+
+    n_test, n_val = count(test_fraction), count(val_fraction)
+    return {
+        "test": sorted(order[:n_test]),
+        "val": sorted(order[n_test : n_test + n_val]),
+        "train": sorted(order[n_test + n_val :]),
+    }
