@@ -186,3 +186,26 @@ def test_mid_epoch_resume_sees_exactly_the_remaining_windows(tmp_path, stop_at):
     (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
     rest = _fit(tmp_path / "data", ckpt_path=str(ckpt))
     assert first + rest == reference
+
+
+def test_data_config_builds_the_module(tmp_path, repo_root):
+    from main import cli
+
+    _write(tmp_path / "train", [2] * 4)
+    _write(tmp_path / "val", [1] * 3)
+    c = cli(
+        [
+            "-c",
+            str(repo_root / "configs" / "data" / "tokens.yaml"),
+            "--model",
+            "lightning.pytorch.demos.boring_classes.BoringModel",
+            "--data.init_args.train",
+            str(tmp_path / "train"),
+            "--data.init_args.val",
+            str(tmp_path / "v*"),
+        ],
+        run=False,
+    )
+    dm = c.datamodule
+    assert isinstance(dm, TokenDataModule) and dm.seq_len == 4096 and dm.layout == LAYOUT
+    assert dm.splits["val"] == [tmp_path / "val"]

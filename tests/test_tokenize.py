@@ -190,3 +190,22 @@ def test_uint16_storage_round_trips_all_ids(tmp_path):
     shards.write_split(tmp_path, "train", layout, imgs)
     m = shards.load_manifest(tmp_path)
     assert shards.open_tokens(m.bin_path(m.shards[0]), m.dtype).tolist() == [K, *range(K), K + 1]
+
+
+def test_tokenize_config_runs_through_the_cli(tmp_path, repo_root):
+    import yaml
+
+    from main import cli
+
+    config = yaml.safe_load((repo_root / "configs" / "tokenize.yaml").read_text())
+    # the stand-ins for the VQGAN and the sentence data; everything else is the shipped config
+    config["model"] = {"class_path": f"{__name__}.FakeTokenizer"}
+    config["data"] = {"class_path": f"{__name__}.FakeSentenceData", "init_args": {"predict_split": "train"}}
+    (tmp_path / "tokenize.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "tokens"
+    cli(["predict", "-c", str(tmp_path / "tokenize.yaml"), "--trainer.callbacks.init_args.output_dir", str(out)])
+    manifest = shards.load_manifest(out)
+    assert manifest.layout.vocab_size == K + 100 and manifest.data["counts"]["sentences"] == 23
+    assert len(manifest.shards) == 1  # 2^27 tokens per shard
+    dm = TokenDataModule(train=str(out), seq_len=8)
+    dm.setup("fit")

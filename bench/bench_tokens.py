@@ -1,0 +1,147 @@
+"""Token pipeline speed: packed-loader tokens/s, and tokenize images/s against the tokenizer's bare `encode`.
+
+python bench/bench_tokens.py [--quick] [--workers 0] [--vqgan CKPT --device cuda]
+
+The loader part writes synthetic paper-size shards (8192 codes, 256 tokens per image, 16-image sentences) to a temp
+dir and times `TokenDataModule`'s train loader (windows of 4096, shuffled) over whole epochs. The tokenize part needs a
+VQGAN checkpoint (`--vqgan`): it times `encode` on random images, then the full predict pipeline (data, model, token
+writer) on the same images, and reports the overhead. Results go to bench/results/bench_tokens.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datamodules.tokens import TokenDataModule
+from lvm_pl import shards
+from lvm_pl.atomic import write_json
+from lvm_pl.console import say
+from lvm_pl.tokens import TokenLayout
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_tokens.json"
+
+
+def bench_loader(num_tokens: int, workers: int, seq_len: int = 4096, batch_size: int = 8, min_seconds: float = 3.0):
+    """Tokens/s of packed train batches (input_ids + labels + doc_ids) from memmapped shards."""
+    layout = TokenLayout.for_images(codebook_size=8192, image_size=256, downsample=16)
+    sentence_images = 16
+    count = max(1, num_tokens // layout.sentence_length(sentence_images))
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        images = [rng.integers(0, 8192, size=(sentence_images, layout.tokens_per_image)) for _ in range(count)]
+        shards.write_split(tmp, "train", layout, images, shard_tokens=1 << 22)
+        dm = TokenDataModule(train=tmp, seq_len=seq_len, batch_size=batch_size, num_workers=workers, verify="size")
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        tokens, start, epochs = 0, time.perf_counter(), 0
+        while time.perf_counter() - start < min_seconds or epochs == 0:
+            loader.sampler.set_epoch(epochs)
+            for batch in loader:
+                tokens += batch["input_ids"].numel()
+            epochs += 1
+        seconds = time.perf_counter() - start
+    return {
+        "tokens_per_s": tokens / seconds,
+        "stream_tokens": count * layout.sentence_length(sentence_images),
+        "epochs": epochs,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "workers": workers,
+    }
+
+
+def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int) -> dict:
+    """Images/s of bare `encode` vs the whole predict pipeline with the token writer, on the same random images."""
+    from lightning.pytorch import Trainer
+
+    from callbacks.token_writer import TokenWriter
+    from lvm_pl.vqgan import load_tokenizer
+
+    model = load_tokenizer(checkpoint).to(device)
+    size = 256
+    images = torch.rand(batch_size, 3, size, size, device=device) * 2 - 1
+    with torch.inference_mode():
+        model.encode(images)  # warm-up: kernels, allocator
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(count // batch_size):
+            model.encode(images)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    encode_ips = (count // batch_size) * batch_size / (time.perf_counter() - start)
+
+    class RandomSentences(torch.utils.data.Dataset):
+        def __len__(self):
+            return count
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {
+                "images": torch.rand(1, 3, size, size, generator=g) * 2 - 1,
+                "num_images": 1,
+                "kind": "bench",
+                "index": i,
+            }
+
+    from lightning.pytorch import LightningDataModule
+
+    class Data(LightningDataModule):
+        image_size = size
+
+        def predict_dataloader(self):
+            return torch.utils.data.DataLoader(RandomSentences(), batch_size=batch_size, num_workers=4)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(
+            accelerator="gpu" if device.startswith("cuda") else "cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            callbacks=[TokenWriter(tmp, split="train")],
+        )
+        start = time.perf_counter()
+        trainer.predict(model, Data(), return_predictions=False)
+        pipeline_ips = count / (time.perf_counter() - start)
+    return {
+        "encode_images_per_s": encode_ips,
+        "pipeline_images_per_s": pipeline_ips,
+        "overhead": 1 - pipeline_ips / encode_ips,
+        "images": count,
+        "batch_size": batch_size,
+        "device": device,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small stream, short timing (CI smoke run)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in the main process)")
+    parser.add_argument("--vqgan", default=None, help="VQGAN checkpoint for the tokenize benchmark")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    results = {
+        "loader": bench_loader(
+            num_tokens=1 << 21 if args.quick else 1 << 26, workers=args.workers, min_seconds=1 if args.quick else 5
+        )
+    }
+    say(f"packed loader: {results['loader']['tokens_per_s'] / 1e6:.1f} M tokens/s ({args.workers} workers)")
+    if args.vqgan:
+        count = 64 if args.quick else 2048
+        results["tokenize"] = bench_tokenize(args.vqgan, args.device, count=count, batch_size=32)
+        t = results["tokenize"]
+        say(
+            f"tokenize: encode {t['encode_images_per_s']:.1f} images/s, pipeline {t['pipeline_images_per_s']:.1f}"
+            f" images/s (overhead {t['overhead']:.1%})"
+        )
+    write_json(RESULTS, results)
+
+
+if __name__ == "__main__":
+    main()
