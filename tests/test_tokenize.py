@@ -14,6 +14,7 @@ from callbacks.token_writer import RunLock, TokenWriter
 from datamodules.tokens import TokenDataModule
 from lvm_pl import shards
 from lvm_pl.console import UserError
+from lvm_pl.images import to_tensor
 from lvm_pl.tokens import TokenLayout
 
 IMAGE_SIZE, F_DOWN, K = 8, 4, 16
@@ -209,3 +210,30 @@ def test_tokenize_config_runs_through_the_cli(tmp_path, repo_root):
     assert len(manifest.shards) == 1  # 2^27 tokens per shard
     dm = TokenDataModule(train=str(out), seq_len=8)
     dm.setup("fit")
+
+
+def test_tokenize_real_sentence_data_val_split(tmp_path):
+    from datamodules import BuiltinSource, VisualSentenceDataModule
+
+    def data():
+        source = BuiltinSource(splits={"train": 3, "val": 7, "test": 0}, sequence_length=(2, 3), category_size=(2, 3))
+        return VisualSentenceDataModule(source, image_size=16, unit="sentence", batch_size=3, predict_split="val")
+
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[TokenWriter(str(tmp_path / "val"), split="val", shard_tokens=64, num_special=4)],
+    )
+    trainer.predict(FakeTokenizer(), data(), return_predictions=False)
+    reference, model = data(), FakeTokenizer()
+    layout = TokenLayout(codebook_size=K, tokens_per_image=16, num_special=4)
+    expected = []
+    for i in range(7):
+        images = torch.stack([to_tensor(x) for x in reference.sentence("val", i).images])  # [N, 3, H, W]
+        expected.append(layout.sentence(model.encode(images)))
+    m = shards.load_manifest(tmp_path / "val")
+    assert m.layout == layout and m.data["split"] == "val" and m.data["counts"]["sentences"] == 7
+    tokens = np.concatenate([np.asarray(shards.open_tokens(m.bin_path(s), m.dtype)) for s in m.shards])
+    assert np.array_equal(tokens, torch.cat(expected).numpy())
