@@ -28,7 +28,7 @@ def check_image(path: str | os.PathLike) -> None:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: 16-bit and float grey scaled to 8 bits, alpha composited over white, CMYK/palette converted."""
+    """Any PIL mode -> RGB: 16-bit/float grey scaled to 8 bits, alpha over white, CMYK and palette converted."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         # 16-bit files use the full 0..65535 range; PIL's own convert("L") would clip everything above 255

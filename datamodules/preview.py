@@ -1,0 +1,59 @@
+"""`preview-data`: a PNG grid of sample sentences from any data config, one row per sentence, grouped by kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+
+from lvm_pl.atomic import save_image
+from lvm_pl.console import UserError, say
+from lvm_pl.images import grid
+
+
+def load_datamodule(configs: list[str]) -> LightningDataModule:
+    """Build the `data:` section of one or more YAML configs (later files override earlier ones)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    cfg = None
+    for path in configs:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: data config not found")
+        section = (yaml.safe_load(Path(path).read_text()) or {}).get("data")
+        if section is None:
+            continue
+        try:
+            cfg = parser.parse_object({"data": section}, cfg_base=cfg, defaults=cfg is None)
+        except Exception as err:  # jsonargparse reports bad keys/values as several error types
+            raise UserError(f"{path}: bad data section: {err}".splitlines()[0]) from None
+    if cfg is None:
+        raise UserError(f"{', '.join(configs)}: no `data:` section")
+    return parser.instantiate_classes(cfg).data
+
+
+def preview_data(data: str | list[str], output: str = "preview.png", per_kind: int = 3, split: str = "val") -> Path:
+    """Write a grid of `per_kind` sentences of each kind (and each built-in family) of `split` to `output`.
+
+    Args:
+        data: data config YAML path(s), e.g. configs/data/builtin.yaml (only the `data:` section is read).
+        output: PNG path to write.
+        per_kind: sentences shown per kind (per family for the built-in source).
+        split: train, val or test.
+    """
+    configs = [data] if isinstance(data, str) else list(data)
+    dm = load_datamodule(configs)
+    groups: dict[tuple[str, str], list] = {}
+    for s in dm.sentences(split):
+        rows = groups.setdefault((s.kind, str(s.meta.get("family", ""))), [])
+        if len(rows) < per_kind:
+            rows.append(s.images)
+    if not groups:
+        raise UserError(f"{', '.join(configs)}: split {split!r} has no sentences")
+    order = sorted(groups, key=lambda k: (("sequence", "analogy", "category", "single").index(k[0]), k[1]))
+    rows = [images for key in order for images in groups[key]]
+    save_image(output, Image.fromarray(grid(rows)))
+    say(f"wrote {output}: {len(rows)} sentences, " + ", ".join(f"{k}/{f}" if f else k for k, f in order))
+    return Path(output)
