@@ -237,3 +237,36 @@ def test_tokenize_real_sentence_data_val_split(tmp_path):
     assert m.layout == layout and m.data["split"] == "val" and m.data["counts"]["sentences"] == 7
     tokens = np.concatenate([np.asarray(shards.open_tokens(m.bin_path(s), m.dtype)) for s in m.shards])
     assert np.array_equal(tokens, torch.cat(expected).numpy())
+
+
+_DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_tokenize as t
+from lightning.pytorch import Trainer
+from callbacks.token_writer import TokenWriter
+
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False,
+                  callbacks=[TokenWriter({out!r}, split="train", shard_tokens=40, num_special=4)])
+trainer.predict(t.FakeTokenizer(fail_at_batch={fail}), t.FakeSentenceData(batch_size=2), return_predictions=False)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_write_their_own_shards_and_resume(tmp_path):
+    def run(out, fail=-1):
+        script = tmp_path / "ddp_tokenize.py"
+        script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(out), fail=fail))
+        return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    proc = run(tmp_path / "ref")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = shards.load_manifest(tmp_path / "ref")
+    ranks = {shards.parse_shard_name(s["name"])[1] for s in m.shards}
+    assert ranks == {0, 1} and m.data["world_size"] == 2
+    indices = sorted(i for p in shards.complete_shards(tmp_path / "ref") for i in shards.read_shard_index(p).index)
+    assert indices == list(range(23)), "every sentence exactly once across ranks"
+    assert run(tmp_path / "run", fail=3).returncode != 0
+    assert run(tmp_path / "run").returncode == 0
+    assert _files(tmp_path / "run") == _files(tmp_path / "ref")
