@@ -270,3 +270,20 @@ def test_ddp_ranks_write_their_own_shards_and_resume(tmp_path):
     assert run(tmp_path / "run", fail=3).returncode != 0
     assert run(tmp_path / "run").returncode == 0
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
+
+
+def test_tokenize_config_composes_with_a_sentence_data_config(tmp_path, repo_root):
+    import yaml
+
+    from main import cli
+
+    config = yaml.safe_load((repo_root / "configs" / "tokenize.yaml").read_text())
+    config["model"] = {"class_path": f"{__name__}.FakeTokenizer"}  # stand-in for the VQGAN
+    (tmp_path / "tokenize.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "tokens"
+    args = ["-c", str(repo_root / "configs" / "data" / "builtin.yaml"), "-c", str(tmp_path / "tokenize.yaml")]
+    args += ["--data.init_args.image_size", "16", "--data.init_args.num_workers", "0"]
+    args += ["--data.init_args.source.init_args.splits", "{train: 5, val: 2, test: 2}"]
+    cli(["predict", *args, "--trainer.callbacks.init_args.output_dir", str(out)])
+    m = shards.load_manifest(out)
+    assert m.data["counts"]["sentences"] == 5 and m.data["image_size"] == 16 and m.layout.tokens_per_image == 16
