@@ -209,3 +209,15 @@ def test_data_config_builds_the_module(tmp_path, repo_root):
     dm = c.datamodule
     assert isinstance(dm, TokenDataModule) and dm.seq_len == 4096 and dm.layout == LAYOUT
     assert dm.splits["val"] == [tmp_path / "val"]
+
+
+def test_worker_processes_serve_the_same_batches(tmp_path):
+    _write(tmp_path, [3] * 8)
+    batches = {}
+    for workers in (0, 1):
+        dm = TokenDataModule(train=str(tmp_path), seq_len=8, batch_size=3, num_workers=workers, seed=1)
+        dm.setup("fit")
+        batches[workers] = _batches(dm.train_dataloader())
+    assert len(batches[0]) == len(batches[1]) > 1
+    for a, b in zip(batches[0], batches[1], strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
