@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,11 +17,10 @@ class BadImage(Exception):
 def check_image(path: str | os.PathLike) -> None:
     """Decode `path` cheaply (JPEGs at 1/8 scale) to catch empty, truncated and non-image files; raise `BadImage`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns on odd EXIF/ICC chunks, which load fine
-            with Image.open(path) as img:
-                img.draft("RGB", (1, 1))  # JPEG: decode the DCT at the smallest scale; still reads the whole stream
-                img.load()
+        # no warnings.catch_warnings here: it is not thread-safe and setup checks files from a thread pool
+        with Image.open(path) as img:
+            img.draft("RGB", (1, 1))  # JPEG: decode the DCT at the smallest scale; still reads the whole stream
+            img.load()
     except Exception as err:
         raise BadImage(f"{path}: {type(err).__name__}: {err}") from None
 
@@ -49,15 +47,12 @@ def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray
     Raises `BadImage` when the file cannot be decoded.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                if min_side is not None and img.format == "JPEG":
-                    w, h = img.size
-                    scale = min_side / min(w, h)
-                    img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
-                img = ImageOps.exif_transpose(img)
-                return np.asarray(to_rgb(img))
+        with Image.open(path) as img:
+            if min_side is not None and img.format == "JPEG":
+                w, h = img.size
+                scale = min_side / min(w, h)
+                img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+            return np.asarray(to_rgb(ImageOps.exif_transpose(img)))
     except Exception as err:
         raise BadImage(f"{path}: {type(err).__name__}: {err}") from None
 
