@@ -133,12 +133,18 @@ class PackedWindows(Dataset):
 class WindowSampler(DistributedSampler):
     """Window order for one rank: a permutation by (seed, epoch), split across ranks, able to skip consumed windows.
 
-    A `DistributedSampler` so Lightning leaves it in place under DDP; `resume(epoch, consumed)` makes the next
-    iteration start where a checkpointed run stopped.
+    A `DistributedSampler` so Lightning leaves it in place under DDP. `even` pads with repeated windows so every rank
+    takes the same number of steps (training); without it each window is seen once (evaluation). `resume(epoch,
+    consumed)` makes the next iteration start where a checkpointed run stopped.
     """
 
-    def __init__(self, num_windows: int, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self, num_windows: int, num_replicas: int, rank: int, shuffle: bool, seed: int, even: bool = True
+    ) -> None:
         super().__init__(range(num_windows), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        if not even:
+            self.total_size = num_windows
+            self.num_samples = len(range(rank, num_windows, num_replicas))
         self._skip = 0
         self.started = False
 
@@ -265,9 +271,11 @@ class TokenDataModule(LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         train = split == "train"
-        sampler = WindowSampler(len(self.datasets[split]), world, rank, shuffle=train and self.shuffle, seed=self.seed)
+        sampler = WindowSampler(
+            len(self.datasets[split]), world, rank, shuffle=train and self.shuffle, seed=self.seed, even=train
+        )
         if train and self._resume_state is not None:
-            sampler.resume(**self._resume_state)
+            self._resume(sampler, self._resume_state)
             self._resume_state = None
         self._samplers[split] = sampler
         return (_TrainLoader if train else DataLoader)(
@@ -298,7 +306,14 @@ class TokenDataModule(LightningDataModule):
             return {}
         # the loop's count, not the loader's: Lightning prefetches a batch the model has not trained on yet
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return {"epoch": self.trainer.current_epoch, "consumed": batches * self.batch_size}
+        sampler = self._samplers["train"]
+        return {
+            "epoch": self.trainer.current_epoch,
+            "consumed": batches * self.batch_size,
+            "num_windows": len(sampler.dataset),
+            "world_size": sampler.num_replicas,
+            "seed": sampler.seed,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
@@ -312,4 +327,13 @@ class TokenDataModule(LightningDataModule):
                 " setup, with `estimated_stepping_batches`); this epoch restarts from its first window"
             )
         else:
-            sampler.resume(**state_dict)
+            self._resume(sampler, state_dict)
+
+    def _resume(self, sampler: WindowSampler, state: dict) -> None:
+        now = {"num_windows": len(sampler.dataset), "world_size": sampler.num_replicas, "seed": sampler.seed}
+        then = {k: state.get(k) for k in now}
+        if then != now:
+            warn(f"data: checkpoint's window order was {then}, now {now}; the epoch restarts from its first window")
+            sampler.resume(state["epoch"], 0)
+        else:
+            sampler.resume(state["epoch"], state["consumed"])

@@ -102,6 +102,9 @@ def test_sampler_is_deterministic_and_splits_ranks():
     assert len(ranks[0]) == len(ranks[1]) == 6
     assert set(ranks[0]) | set(ranks[1]) == set(range(11))
     assert len(set(ranks[0]) & set(ranks[1])) == 1  # 11 windows on 2 ranks: one is repeated to even them out
+    evals = [list(WindowSampler(11, 2, r, shuffle=False, seed=3, even=False)) for r in range(2)]
+    assert sorted(evals[0] + evals[1]) == list(range(11))  # evaluation sees each window exactly once
+    assert [len(WindowSampler(11, 2, r, shuffle=False, seed=3, even=False)) for r in range(2)] == [6, 5]
 
 
 def test_setup_errors_name_the_file(tmp_path):
@@ -186,6 +189,16 @@ def test_mid_epoch_resume_sees_exactly_the_remaining_windows(tmp_path, stop_at):
     (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
     rest = _fit(tmp_path / "data", ckpt_path=str(ckpt))
     assert first + rest == reference
+
+
+def test_resume_with_a_different_window_order_warns_and_restarts_the_epoch(tmp_path):
+    _write(tmp_path, [2] * 6)
+    dm = TokenDataModule(train=str(tmp_path), seq_len=6, batch_size=2, seed=7)
+    dm.setup("fit")
+    dm.load_state_dict({"epoch": 1, "consumed": 4, "num_windows": 10, "world_size": 4, "seed": 7})
+    with pytest.warns(UserWarning, match="epoch restarts from its first window"):
+        sampler = dm.train_dataloader().sampler
+    assert sampler.epoch == 1 and len(list(sampler)) == 10
 
 
 def test_data_config_builds_the_module(tmp_path, repo_root):
