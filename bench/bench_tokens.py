@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from torch.utils.data import DataLoader
 
+from callbacks.token_writer import TokenWriter
 from datamodules.tokens import TokenDataModule
 from lvm_pl import shards
 from lvm_pl.atomic import write_json
@@ -56,65 +59,67 @@ def bench_loader(num_tokens: int, workers: int, seq_len: int = 4096, batch_size:
     }
 
 
-def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int) -> dict:
-    """Images/s of bare `encode` vs the whole predict pipeline with the token writer, on the same random images."""
-    from lightning.pytorch import Trainer
+class RandomSentences(torch.utils.data.Dataset):
+    """One-image sentences of seeded random pixels: the pipeline's data cost without decoding files."""
 
-    from callbacks.token_writer import TokenWriter
+    def __init__(self, count: int, size: int) -> None:
+        self.count, self.size = count, size
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        images = torch.rand(1, 3, self.size, self.size, generator=g) * 2 - 1  # [N=1, 3, H, W]
+        return {"images": images, "num_images": 1, "kind": "bench", "index": i}
+
+
+class RandomSentenceData(LightningDataModule):
+    """Sentence-unit batches of `RandomSentences`, as `VisualSentenceDataModule(unit="sentence")` yields them."""
+
+    def __init__(self, count: int, size: int, batch_size: int) -> None:
+        super().__init__()
+        self.count, self.image_size, self.batch_size = count, size, batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(RandomSentences(self.count, self.image_size), batch_size=self.batch_size, num_workers=4)
+
+
+def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int, size: int = 256) -> dict:
+    """Images/s of bare `encode` vs the whole predict pipeline with the token writer, on the same kind of images."""
     from lvm_pl.vqgan import load_tokenizer
 
     model = load_tokenizer(checkpoint).to(device)
-    size = 256
     images = torch.rand(batch_size, 3, size, size, device=device) * 2 - 1
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    steps = max(1, count // batch_size)
     with torch.inference_mode():
         model.encode(images)  # warm-up: kernels, allocator
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
-        for _ in range(count // batch_size):
+        for _ in range(steps):
             model.encode(images)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    encode_ips = (count // batch_size) * batch_size / (time.perf_counter() - start)
-
-    class RandomSentences(torch.utils.data.Dataset):
-        def __len__(self):
-            return count
-
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            return {
-                "images": torch.rand(1, 3, size, size, generator=g) * 2 - 1,
-                "num_images": 1,
-                "kind": "bench",
-                "index": i,
-            }
-
-    from lightning.pytorch import LightningDataModule
-
-    class Data(LightningDataModule):
-        image_size = size
-
-        def predict_dataloader(self):
-            return torch.utils.data.DataLoader(RandomSentences(), batch_size=batch_size, num_workers=4)
-
+        sync()
+    encode_ips = steps * batch_size / (time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             accelerator="gpu" if device.startswith("cuda") else "cpu",
             devices=1,
             logger=False,
             enable_progress_bar=False,
+            enable_model_summary=False,
             callbacks=[TokenWriter(tmp, split="train")],
         )
         start = time.perf_counter()
-        trainer.predict(model, Data(), return_predictions=False)
-        pipeline_ips = count / (time.perf_counter() - start)
+        trainer.predict(model, RandomSentenceData(steps * batch_size, size, batch_size), return_predictions=False)
+        pipeline_ips = steps * batch_size / (time.perf_counter() - start)
     return {
         "encode_images_per_s": encode_ips,
         "pipeline_images_per_s": pipeline_ips,
         "overhead": 1 - pipeline_ips / encode_ips,
-        "images": count,
+        "images": steps * batch_size,
         "batch_size": batch_size,
+        "image_size": size,
         "device": device,
     }
 
