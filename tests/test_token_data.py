@@ -234,3 +234,40 @@ def test_worker_processes_serve_the_same_batches(tmp_path):
     assert len(batches[0]) == len(batches[1]) > 1
     for a, b in zip(batches[0], batches[1], strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+_DDP_FIT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import test_token_data as t
+from lightning.pytorch import Trainer
+from datamodules.tokens import TokenDataModule, WindowSampler
+
+model = t._Recorder()
+dm = TokenDataModule(train={data!r}, seq_len=6, batch_size=2, seed=7)
+trainer = Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(model, dm)
+assert type(trainer.train_dataloader.sampler) is WindowSampler, type(trainer.train_dataloader.sampler)
+with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
+    json.dump(model.seen, f)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_get_disjoint_windows(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    stream = _write(tmp_path / "data", [2] * 6)  # 10 windows: 5 per rank, 3 batches of 2 (the last one short)
+    script = tmp_path / "ddp_fit.py"
+    tests = os.path.dirname(__file__)
+    script.write_text(_DDP_FIT.format(tests=tests, data=str(tmp_path / "data"), out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 5
+    windows = sorted(tuple(stream[i * 6 : i * 6 + 6].tolist()) for i in range(10))
+    assert sorted(map(tuple, seen[0] + seen[1])) == windows  # each window once, on exactly one rank
