@@ -79,7 +79,9 @@ class TokenWriter(BasePredictionWriter):
 
     `output_dir` holds one split (`split` names its files; it must match the data module's `predict_split` when that
     exists). Sentences are stored as `[BOS] img_1 ... img_N [EOS]` under the layout built from the model's codebook and
-    the data's image size with `num_special`, `add_bos`, `add_eos`.
+    the data's image size with `num_special`, `add_bos`, `add_eos`. On resume, sentences already in complete shards
+    are skipped here; a data module with a `predict_skip` attribute receives their indices at setup so it need not load
+    or encode them at all (it must keep each rank's remaining sentences in their original order).
     """
 
     def __init__(
@@ -152,6 +154,8 @@ class TokenWriter(BasePredictionWriter):
         self._lock = RunLock(self.output_dir / f".lock-{self.split}-r{trainer.global_rank:05d}")
         self._lock.acquire()
         self._resume(trainer)
+        if hasattr(trainer.datamodule, "predict_skip"):
+            trainer.datamodule.predict_skip = set(self._done)  # a data module that can, leaves them out of predict
 
     def _resume(self, trainer: Trainer) -> None:
         """Collect the sentences of this rank's complete shards; remove what an interrupted run left half-written."""

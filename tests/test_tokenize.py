@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from callbacks.token_writer import RunLock, TokenWriter
 from datamodules.tokens import TokenDataModule
@@ -28,12 +28,14 @@ class FakeTokenizer(LightningModule):
     def __init__(self, fail_at_batch: int = -1, checkpoint: str | None = None):
         super().__init__()
         self.fail_at_batch, self.checkpoint = fail_at_batch, checkpoint
+        self.encoded = []
 
     def encode(self, images):  # [B, 3, H, W] in [-1, 1] -> [B, h, w]
         pooled = F.avg_pool2d(images.mean(1, keepdim=True), F_DOWN)[:, 0]
         return ((pooled + 1) / 2 * K).long().clamp(0, K - 1)
 
     def predict_step(self, batch, batch_idx):
+        self.encoded += batch["index"].tolist()
         if batch_idx == self.fail_at_batch:
             raise RuntimeError("simulated crash")
         b, n = batch["images"].shape[:2]
@@ -67,18 +69,37 @@ def _collate(items):
     }
 
 
+class _SkipSampler(DistributedSampler):
+    """This rank's sentences as Lightning shards predict data (`rank::world`, in order), minus `skip`."""
+
+    def __init__(self, size, num_replicas, rank, skip):
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = [i for i in range(rank, size, num_replicas) if i not in skip]
+        self.num_samples = len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
 class FakeSentenceData(LightningDataModule):
     """Stands in for VisualSentenceDataModule(unit="sentence"): same batch dict, `image_size`, `predict_split`."""
 
-    def __init__(self, count: int = 23, batch_size: int = 4, predict_split: str = "train"):
+    def __init__(self, count: int = 23, batch_size: int = 4, predict_split: str = "train", can_skip: bool = False):
         super().__init__()
         self.count, self.batch_size, self.predict_split, self.image_size = count, batch_size, predict_split, IMAGE_SIZE
+        if can_skip:
+            self.predict_skip: set[int] = set()
 
     def predict_dataloader(self):
-        return DataLoader(_Sentences(self.count), batch_size=self.batch_size, collate_fn=_collate)
+        skip = getattr(self, "predict_skip", set())
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = _SkipSampler(self.count, world, rank, skip) if skip else None
+        return DataLoader(_Sentences(self.count), batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)
 
 
 def _tokenize(out, fail_at_batch=-1, shard_tokens=40, checkpoint=None, **data):
+    """Tokenize `FakeSentenceData(**data)` into `out`; returns the sentence indices the model encoded."""
+    model = FakeTokenizer(fail_at_batch, checkpoint)
     trainer = Trainer(
         accelerator="cpu",
         logger=False,
@@ -86,7 +107,8 @@ def _tokenize(out, fail_at_batch=-1, shard_tokens=40, checkpoint=None, **data):
         enable_model_summary=False,
         callbacks=[TokenWriter(str(out), split="train", shard_tokens=shard_tokens, num_special=4)],
     )
-    trainer.predict(FakeTokenizer(fail_at_batch, checkpoint), FakeSentenceData(**data), return_predictions=False)
+    trainer.predict(model, FakeSentenceData(**data), return_predictions=False)
+    return model.encoded
 
 
 def _files(directory):
@@ -128,6 +150,17 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path):
     assert 0 < len(written) < len(shards.complete_shards(tmp_path / "ref"))
     assert not (tmp_path / "run" / "manifest.json").exists()
     _tokenize(tmp_path / "run")
+    assert _files(tmp_path / "run") == _files(tmp_path / "ref")
+
+
+def test_resume_leaves_written_sentences_out_of_predict_when_the_data_can(tmp_path):
+    _tokenize(tmp_path / "ref")
+    with pytest.raises(RuntimeError):
+        _tokenize(tmp_path / "run", fail_at_batch=4, can_skip=True)
+    done = {i for p in shards.complete_shards(tmp_path / "run") for i in shards.read_shard_index(p).index.tolist()}
+    assert done
+    encoded = _tokenize(tmp_path / "run", can_skip=True)
+    assert sorted(encoded) == sorted(set(range(23)) - done)  # nothing encoded twice
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
 
 
