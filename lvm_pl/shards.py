@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def read_shard_index(path: str | Path) -> ShardIndex:
                 kinds=[str(k) for k in z["kinds"]],
                 meta=json.loads(str(z["meta"])),
             )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise UserError(f"{path}: unreadable shard index ({err}); delete this shard and tokenize again") from None
     if idx.meta.get("format") != FORMAT or idx.meta.get("version") != VERSION:
         raise UserError(f"{path}: not a version {VERSION} {FORMAT} index")

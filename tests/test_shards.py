@@ -80,9 +80,10 @@ def test_missing_shard_and_broken_index(tmp_path):
     m.bin_path(m.shards[1]).unlink()
     with pytest.raises(UserError, match="is missing"):
         shards.validate_shard(m, m.shards[1], full=False)
-    m.idx_path(m.shards[0]).write_bytes(b"not a zip")
-    with pytest.raises(UserError, match="unreadable shard index"):
-        shards.read_shard_index(m.idx_path(m.shards[0]))
+    for damaged in (b"not a zip", m.idx_path(m.shards[0]).read_bytes()[:-30]):
+        m.idx_path(m.shards[0]).write_bytes(damaged)
+        with pytest.raises(UserError, match="unreadable shard index"):
+            shards.read_shard_index(m.idx_path(m.shards[0]))
 
 
 def test_shard_names_roundtrip():
