@@ -1,0 +1,1 @@
+"""The autoregressive stage: LLaMA decoder (`model`), its presets (`config`) and the LightningModule (`module`)."""

@@ -1,0 +1,216 @@
+"""The LLaMA decoder: embedding -> pre-norm blocks (RMSNorm, rotary attention, SwiGLU MLP) -> RMSNorm -> head.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` (without its `model.` prefix) and rotary embeddings use the
+same rotate-half layout on the full head, so converting weights either way is a rename.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lvm_pl.lvm.config import LVMConfig
+
+
+class LLaMA(nn.Module):
+    """Decoder-only transformer. `forward(idx[B,T], input_pos=None, doc_ids=None) -> logits[B,T,V]`."""
+
+    def __init__(self, config: LVMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from the embedding
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for every matrix and the embedding; ones for the norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def setup_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Preallocate a static key/value cache of `max_seq_length` positions in every layer."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}")
+        weight = self.embed_tokens.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        shape = (batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size)
+        for block in self.layers:
+            block.self_attn.kv_cache = KVCache(shape, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        """Drop the caches (training and plain forwards do not use them)."""
+        for block in self.layers:
+            block.self_attn.kv_cache = None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.layers[0].self_attn.kv_cache is not None
+
+    def forward(
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, V]. `input_pos` [T] (needs a KV cache) are the positions of `idx`; `doc_ids` [B, T] blocks
+        attention between documents packed into one window (positions stay global)."""
+        seq_len = idx.shape[1]
+        if input_pos is not None:
+            if not self.has_kv_cache:
+                raise ValueError("forward with input_pos needs a KV cache: call setup_kv_cache first")
+            if doc_ids is not None:
+                raise ValueError("doc_ids are for packed training windows, not for cached generation")
+            cache_len = self.layers[0].self_attn.kv_cache.k.shape[2]
+            # [T, S] boolean: query at position p sees cached positions <= p
+            mask = torch.arange(cache_len, device=idx.device)[None, :] <= input_pos[:, None]
+            pos = input_pos
+        else:
+            if seq_len > self.config.block_size:
+                raise ValueError(f"sequence of {seq_len} tokens exceeds block_size={self.config.block_size}")
+            pos = torch.arange(seq_len, device=idx.device)
+            mask = None
+            if doc_ids is not None:
+                causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=idx.device).tril()
+                same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
+                mask = (causal & same_doc)[:, None]  # [B, 1, T, T], broadcast over heads
+        cos, sin = rope_cache(pos, self.config.head_size, self.config.rope_base)
+
+        x = self.embed_tokens(idx)  # [B, T, C]
+        for block in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, input_pos)
+        return self.lm_head(self.norm(x))  # [B, T, V]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LVMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = CausalSelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) attention with rotary embeddings, through `scaled_dot_product_attention`."""
+
+    def __init__(self, config: LVMConfig) -> None:
+        super().__init__()
+        hs, groups = config.head_size, config.n_query_groups
+        self.n_head, self.n_query_groups, self.head_size = config.n_head, groups, hs
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, groups * hs, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, groups * hs, bias=False)
+        self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # [B, nh, T, hs]
+        k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # [B, ng, T, hs]
+        v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache(input_pos, k, v)  # [B, ng, S, hs]: everything cached so far
+        if self.n_query_groups != self.n_head:
+            # each key/value head serves n_head // n_query_groups consecutive query heads
+            rep = self.n_head // self.n_query_groups
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash/efficient kernels on GPU
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LVMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in fp32 for stability under bf16."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value cache [B, n_query_groups, max_seq_length, head_size]."""
+
+    def __init__(self, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, ng, T, hs] at positions `input_pos` [T]; return the whole cache."""
+        B = k.shape[0]
+        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:B], self.v[:B]
+
+
+def rope_cache(pos: torch.Tensor, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_size] for positions `pos` [T]; frequencies repeated over both halves (rotate-half layout)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size))
+    freqs = pos.float()[:, None] * inv_freq[None, :]  # [T, hs/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, nh, T, hs] by position: x * cos + rotate_half(x) * sin, with rotate_half(a, b) = (-b, a)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
