@@ -30,22 +30,16 @@ class SentenceDataset(Dataset):
         if unit == "image":
             lengths = [dm.clip_length(dm.source.num_images(split, i)) for i in range(self.size)]
             self.starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        self._last: tuple[int, VisualSentence] | None = None  # consecutive images of one sentence are made once
 
     def __len__(self) -> int:
         return self.starts[-1] if self.unit == "image" else self.size
 
-    def _sentence(self, index: int) -> VisualSentence:
-        if self._last is None or self._last[0] != index:
-            self._last = (index, self.dm.sentence(self.split, index))
-        return self._last[1]
-
     def __getitem__(self, k: int) -> dict:
         if self.unit == "image":
             i = bisect.bisect_right(self.starts, k) - 1
-            s = self._sentence(i)
-            return {"image": to_tensor(s.images[k - self.starts[i]]), "kind": s.kind}  # [3, H, W]
-        s = self._sentence(k)
+            image, kind = self.dm.image(self.split, i, k - self.starts[i])
+            return {"image": to_tensor(image), "kind": kind}  # [3, H, W]
+        s = self.dm.sentence(self.split, k)
         return {"images": torch.stack([to_tensor(x) for x in s.images]), "kind": s.kind, "index": k}  # [N, 3, H, W]
 
 
@@ -121,15 +115,25 @@ class VisualSentenceDataModule(LightningDataModule):
         self.setup()
         return self.source.split_size(split)
 
+    def _crop(self, split: str, index: int) -> tuple[float, float]:
+        # one crop position per sentence, so its images stay aligned (analogies, sequences)
+        if self.crop == "random" and split == "train":
+            return tuple(np.random.default_rng([self.seed, SPLITS.index(split), index, 1]).random(2))
+        return (0.5, 0.5)
+
     def sentence(self, split: str, index: int) -> VisualSentence:
         """Sentence `index` of `split` as the modules see it (resized, cropped, cut), uint8 images and full `meta`."""
         self.setup()
         s = self.source.sentence(split, index)
-        crop = (0.5, 0.5)
-        if self.crop == "random" and split == "train":
-            crop = tuple(np.random.default_rng([self.seed, SPLITS.index(split), index, 1]).random(2))
+        crop = self._crop(split, index)
         images = [fit_image(x, self.image_size, crop) for x in s.images[: self.clip_length(len(s.images))]]
         return VisualSentence(images, s.kind, s.meta)
+
+    def image(self, split: str, index: int, position: int) -> tuple[np.ndarray, str]:
+        """Image `position` of sentence `index` of `split` (resized and cropped like `sentence` does) and its kind."""
+        self.setup()
+        image, kind = self.source.image(split, index, position)
+        return fit_image(image, self.image_size, self._crop(split, index)), kind
 
     def sentences(self, split: str) -> Iterator[VisualSentence]:
         """Every sentence of `split` in index order (e.g. held-out sentences with ground truth for prompting)."""

@@ -12,6 +12,7 @@ from datamodules import BuiltinSource, VisualSentenceDataModule
 from datamodules.sources import builtin_draw as draw
 from datamodules.sources.builtin import FAMILIES, FAMILY_KINDS
 from lvm_pl.console import UserError
+from lvm_pl.images import to_tensor
 
 
 def only(family: str, n: int = 6, size: int = 32, **kw) -> VisualSentenceDataModule:
@@ -169,3 +170,12 @@ def test_bad_config_values_raise_user_errors():
 def test_assets_ship_in_the_wheels():
     for name in (*draw.PHOTOS, draw.GIF, "motorcycle_left.png", "motorcycle_disp.npz"):
         assert (draw.skimage_data_dir() / name).is_file(), name
+
+
+def test_image_unit_yields_every_image_of_every_sentence_once():
+    dm = VisualSentenceDataModule(BuiltinSource(splits={"val": 30}), image_size=16, max_images=5, crop="random")
+    data = dm.dataset("val")
+    expected = [x for s in dm.sentences("val") for x in s.images]
+    assert len(data) == len(expected)
+    for k in range(len(data)):  # one image is rendered alone, yet equals the same image of its whole sentence
+        assert torch.equal(data[k]["image"], to_tensor(expected[k]))

@@ -167,3 +167,16 @@ def test_random_crop_is_shared_by_a_sentence_and_seeded(tmp_path):
     for s in crops:
         assert all(np.array_equal(s.images[0], x) for x in s.images)
     assert len({int(s.images[0][0, 0, 0]) for s in crops}) > 1
+
+
+def test_image_unit_reads_single_files_like_whole_sentences(tree):
+    dm = VisualSentenceDataModule(
+        FolderSource(str(tree), val_fraction=0.0, test_fraction=0.0), image_size=8, crop="random"
+    )
+    data = dm.dataset("train")
+    flat = [(x, s.kind) for s in dm.sentences("train") for x in s.images]
+    assert len(data) == len(flat) == 7
+    for k, (x, kind) in enumerate(flat):
+        item = data[k]
+        assert item["kind"] == kind and item["image"].shape == (3, 8, 8)
+        assert np.array_equal(((item["image"] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), x)

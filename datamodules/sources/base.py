@@ -43,6 +43,12 @@ class SentenceSource(ABC):
     def sentence(self, split: str, index: int) -> VisualSentence:
         """Sentence `index` of `split`; images may be any size (the DataModule resizes and crops them)."""
 
+    def image(self, split: str, index: int, position: int) -> tuple[np.ndarray, str]:
+        """Image `position` of sentence `index` and the sentence's kind; sources that can make one image alone
+        (without the rest of its sentence) override this."""
+        s = self.sentence(split, index)
+        return s.images[position], s.kind
+
     def describe(self, split: str, index: int) -> str:
         """Where sentence `index` comes from, for error messages (a path for file sources)."""
         return f"{type(self).__name__} {split}[{index}]"

@@ -8,6 +8,10 @@ analogies `edges`, `grayscale`, `invert`, `hflip`, `blur`, `segmentation`, `dept
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import numpy as np
 
 from datamodules.sources import builtin_draw as draw
@@ -36,6 +40,22 @@ FAMILY_KINDS = {
 }
 
 
+Frame = Callable[[], np.ndarray]  # renders one uint8 [H, W, 3] image; every random draw happened before
+
+
+@dataclass
+class LazySentence:
+    """A family's output: all random draws done, frames rendered on demand (one image costs one frame)."""
+
+    frames: list[Frame]
+    kind: str
+    meta: dict
+
+
+def _then(transform: Callable[[np.ndarray], np.ndarray], frame: Frame) -> np.ndarray:
+    return transform(frame())
+
+
 def _shape_params(rng: np.random.Generator, size: int, shape: str | None = None) -> dict:
     r = rng.uniform(0.12, 0.25) * size
     return {
@@ -47,14 +67,14 @@ def _shape_params(rng: np.random.Generator, size: int, shape: str | None = None)
     }
 
 
-def _photo_crop(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
+def _photo_crop(rng: np.random.Generator, size: int) -> tuple[Frame, dict]:
     name = str(rng.choice(draw.PHOTOS))
     img = draw.photo(name)
     box = draw.random_box(rng, *img.shape[:2], 0.3, 1.0)
-    return draw.crop_resize(img, box, size), {"photo": name, "box": list(box)}
+    return partial(draw.crop_resize, img, box, size), {"photo": name, "box": list(box)}
 
 
-def _scene(rng: np.random.Generator, size: int, count: int) -> tuple[np.ndarray, list[dict], np.ndarray]:
+def _scene(rng: np.random.Generator, size: int, count: int) -> tuple[Frame, list[dict], np.ndarray]:
     """A flat background with `count` shapes, far (first) to near (last); returns image, shapes, background."""
     bg, colours = draw.contrasting_colours(rng, count)
     depths = np.sort(rng.uniform(0.2, 1.0, count))  # drawn in this order, so the nearest is on top
@@ -62,10 +82,10 @@ def _scene(rng: np.random.Generator, size: int, count: int) -> tuple[np.ndarray,
         {**_shape_params(rng, size), "colour": [int(v) for v in c], "depth": float(d)}
         for c, d in zip(colours, depths, strict=True)
     ]
-    return draw.render_shapes(shapes, size, bg), shapes, bg
+    return partial(draw.render_shapes, shapes, size, bg), shapes, bg
 
 
-def moving(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def moving(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """1-2 shapes moving with constant velocity, staying inside the frame; meta has each one's per-frame centre."""
     count = int(rng.integers(1, 3))
     bg, colours = draw.contrasting_colours(rng, count)
@@ -85,13 +105,12 @@ def moving(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
             }
         )
     for t in range(n):
-        frames.append(
-            draw.render_shapes([{**o, "x": o["positions"][t][0], "y": o["positions"][t][1]} for o in objects], size, bg)
-        )
-    return VisualSentence(frames, "sequence", {"objects": objects, "background": bg.tolist()})
+        at_t = [{**o, "x": o["positions"][t][0], "y": o["positions"][t][1]} for o in objects]
+        frames.append(partial(draw.render_shapes, at_t, size, bg))
+    return LazySentence(frames, "sequence", {"objects": objects, "background": bg.tolist()})
 
 
-def rotating(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def rotating(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """A shape turning at a constant angular speed; meta has the per-frame angle (radians)."""
     bg, (c,) = draw.contrasting_colours(rng, 1)
     s = _shape_params(rng, size, str(rng.choice(["square", "triangle", "cross"])))
@@ -99,31 +118,31 @@ def rotating(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
     s["x"] = s["y"] = size / 2
     omega = float(rng.choice([-1, 1]) * rng.uniform(np.pi / 18, np.pi / 6))
     angles = [s["angle"] + omega * t for t in range(n)]
-    frames = [draw.render_shapes([{**s, "colour": c, "angle": a}], size, bg) for a in angles]
-    return VisualSentence(frames, "sequence", {"shape": s["shape"], "angles": angles, "omega": omega})
+    frames = [partial(draw.render_shapes, [{**s, "colour": c, "angle": a}], size, bg) for a in angles]
+    return LazySentence(frames, "sequence", {"shape": s["shape"], "angles": angles, "omega": omega})
 
 
-def scaling(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def scaling(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """A shape growing or shrinking linearly; meta has the per-frame radius (pixels)."""
     bg, (c,) = draw.contrasting_colours(rng, 1)
     s = _shape_params(rng, size)
     s["x"] = s["y"] = size / 2
     r0, r1 = rng.uniform(0.08, 0.45, 2) * size
     radii = [float(r0 + (r1 - r0) * t / max(n - 1, 1)) for t in range(n)]
-    frames = [draw.render_shapes([{**s, "colour": c, "r": r}], size, bg) for r in radii]
-    return VisualSentence(frames, "sequence", {"shape": s["shape"], "radii": radii})
+    frames = [partial(draw.render_shapes, [{**s, "colour": c, "r": r}], size, bg) for r in radii]
+    return LazySentence(frames, "sequence", {"shape": s["shape"], "radii": radii})
 
 
-def recolour(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def recolour(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """A still shape whose colour moves linearly between two colours; meta has the per-frame colour."""
     bg, (c0, c1) = draw.contrasting_colours(rng, 2)
     s = _shape_params(rng, size)
     colours = [np.round(c0 + (c1.astype(float) - c0) * t / max(n - 1, 1)).astype(np.uint8) for t in range(n)]
-    frames = [draw.render_shapes([{**s, "colour": c}], size, bg) for c in colours]
-    return VisualSentence(frames, "sequence", {"shape": s["shape"], "colours": [c.tolist() for c in colours]})
+    frames = [partial(draw.render_shapes, [{**s, "colour": c}], size, bg) for c in colours]
+    return LazySentence(frames, "sequence", {"shape": s["shape"], "colours": [c.tolist() for c in colours]})
 
 
-def pan(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def pan(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """A camera window sliding at constant speed across a photo; meta has the per-frame (x, y) of the window."""
     name = str(rng.choice(draw.PHOTOS))
     img = draw.photo(name)
@@ -132,22 +151,22 @@ def pan(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
     start = np.array([rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)], float)
     end = np.array([rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)], float)
     offsets = [np.round(start + (end - start) * t / max(n - 1, 1)).astype(int) for t in range(n)]
-    frames = [draw.crop_resize(img, (int(x), int(y), side), size) for x, y in offsets]
-    return VisualSentence(frames, "sequence", {"photo": name, "side": side, "offsets": [o.tolist() for o in offsets]})
+    frames = [partial(draw.crop_resize, img, (int(x), int(y), side), size) for x, y in offsets]
+    return LazySentence(frames, "sequence", {"photo": name, "side": side, "offsets": [o.tolist() for o in offsets]})
 
 
-def gif(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def gif(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """Consecutive frames of scikit-image's animated GIF under one random crop; meta has the frame numbers."""
     all_frames = draw.gif_frames()
     n = min(n, len(all_frames))
     start = int(rng.integers(0, len(all_frames) - n + 1))
     box = draw.random_box(rng, *all_frames[0].shape[:2], 0.75, 1.0)
-    frames = [draw.crop_resize(f, box, size) for f in all_frames[start : start + n]]
-    return VisualSentence(frames, "sequence", {"frames": list(range(start, start + n)), "box": list(box)})
+    frames = [partial(draw.crop_resize, f, box, size) for f in all_frames[start : start + n]]
+    return LazySentence(frames, "sequence", {"frames": list(range(start, start + n)), "box": list(box)})
 
 
 def _transform_analogy(name: str):
-    def family(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+    def family(rng: np.random.Generator, n: int, size: int) -> LazySentence:
         """Pairs x -> T(x) with one transform T; sources are photo crops or shape scenes."""
         images, sources = [], []
         for _ in range(n // 2):
@@ -156,59 +175,57 @@ def _transform_analogy(name: str):
             else:
                 x, shapes, _ = _scene(rng, size, int(rng.integers(1, 4)))
                 info = {"shapes": shapes}
-            images += [x, draw.TRANSFORMS[name](x)]
+            images += [x, partial(_then, draw.TRANSFORMS[name], x)]
             sources.append(info)
-        return VisualSentence(images, "analogy", {"transform": name, "sources": sources})
+        return LazySentence(images, "analogy", {"transform": name, "sources": sources})
 
     family.__name__ = name
     return family
 
 
-def segmentation(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def segmentation(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """Pairs shape scene -> flat class-coloured segmentation (`builtin_draw.SEGMENT_COLOURS`); meta has the shapes."""
     images, scenes = [], []
     for _ in range(n // 2):
         x, shapes, bg = _scene(rng, size, int(rng.integers(1, 5)))
-        images += [x, draw.render_segmentation(shapes, size)]
+        images += [x, partial(draw.render_segmentation, shapes, size)]
         scenes.append({"shapes": shapes, "background": bg.tolist()})
-    return VisualSentence(images, "analogy", {"transform": "segmentation", "scenes": scenes})
+    return LazySentence(images, "analogy", {"transform": "segmentation", "scenes": scenes})
 
 
-def depth(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def depth(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """Pairs of stacked shapes -> depth map (nearer brighter, background black); meta has the shapes and depths."""
     images, scenes = [], []
     for _ in range(n // 2):
         x, shapes, bg = _scene(rng, size, int(rng.integers(2, 5)))
-        images += [x, draw.render_depth(shapes, size)]
+        images += [x, partial(draw.render_depth, shapes, size)]
         scenes.append({"shapes": shapes, "background": bg.tolist()})
-    return VisualSentence(images, "analogy", {"transform": "depth", "scenes": scenes})
+    return LazySentence(images, "analogy", {"transform": "depth", "scenes": scenes})
 
 
-def stereo(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def stereo(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """Pairs of the same crop of scikit-image's stereo left view -> its disparity map (brighter is nearer)."""
     left, disparity = draw.stereo_pair()
     images, boxes = [], []
     for _ in range(n // 2):
         box = draw.random_box(rng, *left.shape[:2], 0.3, 1.0)
-        images += [draw.crop_resize(left, box, size), draw.crop_resize(disparity, box, size)]
+        images += [partial(draw.crop_resize, left, box, size), partial(draw.crop_resize, disparity, box, size)]
         boxes.append(list(box))
-    return VisualSentence(images, "analogy", {"transform": "stereo_disparity", "boxes": boxes})
+    return LazySentence(images, "analogy", {"transform": "stereo_disparity", "boxes": boxes})
 
 
-def shapes(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def shapes(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """Several images of one shape class, each with its own colours, size, position and angle."""
     cls = str(rng.choice(draw.SHAPES))
     images = []
     for _ in range(n):
         bg, (c,) = draw.contrasting_colours(rng, 1)
-        images.append(draw.render_shapes([{**_shape_params(rng, size, cls), "colour": c}], size, bg))
-    return VisualSentence(images, "category", {"class": cls})
+        images.append(partial(draw.render_shapes, [{**_shape_params(rng, size, cls), "colour": c}], size, bg))
+    return LazySentence(images, "category", {"class": cls})
 
 
-def digits(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def digits(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """Several different handwritten samples of one digit (scikit-learn), each with its own colours, scale, place."""
-    from PIL import Image
-
     pixels, labels = draw.digits()
     cls = int(rng.integers(0, 10))
     picks = rng.choice(np.flatnonzero(labels == cls), n, replace=False)
@@ -216,24 +233,21 @@ def digits(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
     for k in picks:
         bg, (c,) = draw.contrasting_colours(rng, 1)
         side = int(size * rng.uniform(0.5, 0.95))
-        alpha = np.asarray(Image.fromarray(pixels[k].astype(np.float32)).resize((side, side), Image.BILINEAR))
         x, y = rng.integers(0, size - side + 1, 2)
-        a = np.zeros((size, size, 1), np.float32)
-        a[y : y + side, x : x + side, 0] = np.clip(alpha, 0, 1)
-        images.append(np.round(bg * (1 - a) + c * a).astype(np.uint8))
-    return VisualSentence(images, "category", {"class": cls, "samples": picks.tolist()})
+        images.append(partial(draw.render_digit, pixels[k], size, side, int(x), int(y), bg, c))
+    return LazySentence(images, "category", {"class": cls, "samples": picks.tolist()})
 
 
-def photo(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def photo(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """A random square crop of a scikit-image photo."""
     x, info = _photo_crop(rng, size)
-    return VisualSentence([x], "single", info)
+    return LazySentence([x], "single", info)
 
 
-def scene(rng: np.random.Generator, n: int, size: int) -> VisualSentence:
+def scene(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """A synthetic scene of 1-5 stacked shapes."""
     x, shape_list, bg = _scene(rng, size, int(rng.integers(1, 6)))
-    return VisualSentence([x], "single", {"shapes": shape_list, "background": bg.tolist()})
+    return LazySentence([x], "single", {"shapes": shape_list, "background": bg.tolist()})
 
 
 FAMILIES = {
@@ -325,11 +339,20 @@ class BuiltinSource(SentenceSource):
     def num_images(self, split: str, index: int) -> int:
         return self.plan(split, index)[1]
 
-    def sentence(self, split: str, index: int) -> VisualSentence:
+    def lazy(self, split: str, index: int) -> LazySentence:
+        """Sentence `index` of `split` with its frames not yet rendered."""
         family, n, rng = self.plan(split, index)
         s = FAMILIES[family](rng, n, self.image_size)
         s.meta.update(family=family, split=split, index=index)
         return s
+
+    def sentence(self, split: str, index: int) -> VisualSentence:
+        s = self.lazy(split, index)
+        return VisualSentence([frame() for frame in s.frames], s.kind, s.meta)
+
+    def image(self, split: str, index: int, position: int) -> tuple[np.ndarray, str]:
+        s = self.lazy(split, index)
+        return s.frames[position](), s.kind
 
     def describe(self, split: str, index: int) -> str:
         return f"builtin {split}[{index}] ({self.plan(split, index)[0]})"

@@ -198,3 +198,13 @@ def render_depth(shapes: list[dict], size: int) -> np.ndarray:
     """The depth map of stacked `shapes`: nearer is brighter, each shape flat at its own `depth` in (0, 1]."""
     grey = [{**s, "colour": (round(255 * s["depth"]),) * 3} for s in shapes]
     return render_shapes(grey, size, np.zeros(3))
+
+
+def render_digit(
+    digit: np.ndarray, size: int, side: int, x: int, y: int, background: np.ndarray, colour: np.ndarray
+) -> np.ndarray:
+    """An 8x8 digit (float in [0, 1]) scaled to `side` px at (x, y), in `colour` over a flat `background`."""
+    alpha = np.asarray(Image.fromarray(digit.astype(np.float32)).resize((side, side), Image.BILINEAR))
+    a = np.zeros((size, size, 1), np.float32)
+    a[y : y + side, x : x + side, 0] = np.clip(alpha, 0, 1)
+    return np.round(background * (1 - a) + colour * a).astype(np.uint8)

@@ -8,6 +8,8 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from datamodules.imageio import IMAGE_EXTENSIONS, BadImage, check_image, load_rgb
 from datamodules.sources.base import KINDS, SentenceSource, VisualSentence, partition
 from lvm_pl.console import UserError, say, warn
@@ -147,6 +149,13 @@ class FolderSource(SentenceSource):
         except BadImage as err:  # changed on disk since setup
             raise UserError(f"bad image: {err}") from None
         return VisualSentence(images, item["kind"], {**item["meta"], "files": [str(p) for p in item["paths"]]})
+
+    def image(self, split: str, index: int, position: int) -> tuple[np.ndarray, str]:
+        item = self.items[self.splits[split][index]]
+        try:
+            return load_rgb(item["paths"][position], min_side=self.image_size), item["kind"]
+        except BadImage as err:
+            raise UserError(f"bad image: {err}") from None
 
     def describe(self, split: str, index: int) -> str:
         return self.items[self.splits[split][index]]["meta"]["path"]
