@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from jsonargparse import ArgumentParser
@@ -34,7 +35,12 @@ def load_datamodule(configs: list[str]) -> LightningDataModule:
     return parser.instantiate_classes(cfg).data
 
 
-def preview_data(data: str | list[str], output: str = "preview.png", per_kind: int = 3, split: str = "val") -> Path:
+def preview_data(
+    data: str | list[str],
+    output: str = "preview.png",
+    per_kind: int = 3,
+    split: Literal["train", "val", "test"] = "val",
+) -> Path:
     """Write a grid of `per_kind` sentences of each kind (and each built-in family) of `split` to `output`.
 
     Args:

@@ -75,7 +75,7 @@ def _photo_crop(rng: np.random.Generator, size: int) -> tuple[Frame, dict]:
 
 
 def _scene(rng: np.random.Generator, size: int, count: int) -> tuple[Frame, list[dict], np.ndarray]:
-    """A flat background with `count` shapes, far (first) to near (last); returns image, shapes, background."""
+    """A flat background with `count` shapes, far (first) to near (last); returns its frame, shapes, background."""
     bg, colours = draw.contrasting_colours(rng, count)
     depths = np.sort(rng.uniform(0.2, 1.0, count))  # drawn in this order, so the nearest is on top
     shapes = [
