@@ -1,0 +1,202 @@
+"""The LVM LightningModule: overfitting, vocabulary/layout links, checkpoints, on-the-fly tokenizing, the CLI fit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from torch.utils.data import DataLoader, Dataset
+
+from lvm_pl import shards
+from lvm_pl.console import UserError
+from lvm_pl.lvm.model import RMSNorm
+from lvm_pl.lvm.module import LVM, warmup_cosine
+from lvm_pl.tokens import TokenLayout
+
+LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
+SMALL = dict(n_embd=32, n_layer=2, n_head=4, intermediate_size=64, block_size=64)
+
+
+class RandomWindows(Dataset):
+    """Fixed random token windows in the TokenDataModule batch format (one document per window)."""
+
+    def __init__(self, n: int, seq_len: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.windows = torch.randint(0, LAYOUT.vocab_size, (n, seq_len + 1), generator=g)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        w = self.windows[i]
+        return {"input_ids": w[:-1], "labels": w[1:], "doc_ids": torch.zeros(len(w) - 1, dtype=torch.long)}
+
+
+class RandomTokenData(LightningDataModule):
+    layout = LAYOUT
+
+    def __init__(self, n: int = 4, seq_len: int = 16):
+        super().__init__()
+        self.data = RandomWindows(n, seq_len)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=4)
+
+
+def small_lvm(**kwargs) -> LVM:
+    args = dict(model="tiny", model_overrides=SMALL, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    return LVM(**{**args, **kwargs})
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch(tmp_path):
+    torch.manual_seed(0)
+    lvm = small_lvm()
+    trainer = Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    data = RandomTokenData()
+    batch = next(iter(data.train_dataloader()))
+    trainer.fit(lvm, data)
+    assert lvm.config.vocab_size == LAYOUT.vocab_size  # from the datamodule's layout
+    lvm.eval()
+    with torch.no_grad():
+        final = lvm._loss(batch)[0].item()
+    assert final < 0.5 * math.log(LAYOUT.vocab_size), final  # uniform guessing is log(V) = 3.6
+
+
+def test_config_vocab_that_contradicts_the_layout_is_a_user_error():
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(UserError, match="vocab_size=8292.*needs vocabulary 36"):
+        trainer.fit(small_lvm(vocab_size=8292), RandomTokenData())
+
+
+def test_no_layout_anywhere_is_a_user_error():
+    with pytest.raises(UserError, match="no token layout"):
+        small_lvm().configure_model()
+
+
+def test_checkpoint_rebuilds_without_data(tmp_path):
+    lvm = small_lvm()
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(lvm, RandomTokenData())
+    trainer.save_checkpoint(tmp_path / "lvm.ckpt")
+    loaded = LVM.load_from_checkpoint(tmp_path / "lvm.ckpt")
+    assert loaded.layout == LAYOUT
+    idx = torch.randint(0, LAYOUT.vocab_size, (1, 9))
+    lvm.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), lvm(idx))
+
+
+def test_decay_excludes_norms_and_embeddings():
+    lvm = small_lvm(layout=LAYOUT.to_dict(), weight_decay=0.1, decay_steps=10)
+    lvm.configure_model()
+    lvm.trainer = Trainer(logger=False)
+    groups = lvm.configure_optimizers()["optimizer"].param_groups
+    decayed, plain = ({id(p) for p in g["params"]} for g in groups)
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert id(lvm.model.embed_tokens.weight) in plain and id(lvm.model.lm_head.weight) in decayed
+    assert all(id(m.weight) in plain for m in lvm.model.modules() if isinstance(m, RMSNorm))
+    lvm = small_lvm(layout=LAYOUT.to_dict(), weight_decay=0.1, decay_steps=10, exclude_from_decay=False)
+    lvm.configure_model()
+    lvm.trainer = Trainer(logger=False)
+    assert len(lvm.configure_optimizers()["optimizer"].param_groups) == 1
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 110, 0.2) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110, 0.2) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, 0.2) == pytest.approx(0.6)  # half-way down the cosine: (1 + 0.2) / 2
+    assert warmup_cosine(110, 10, 110, 0.2) == pytest.approx(0.2)
+    assert warmup_cosine(10_000, 10, 110, 0.2) == pytest.approx(0.2)
+
+
+class FakeTokenizer(torch.nn.Module):
+    """Stands in for the VQGAN: 4x4 images, downsampling 2 -> 2x2 codes from the mean colour; decode paints them."""
+
+    codebook_size, downsample_factor = 32, 2
+
+    def encode(self, images):  # [B, 3, 4, 4] -> [B, 2, 2]
+        pooled = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), 2)[:, 0]
+        return ((pooled + 1) / 2 * 31).round().long().clamp(0, 31)
+
+    def decode(self, codes):  # [B, 2, 2] -> [B, 3, 4, 4]
+        x = codes.float() / 31 * 2 - 1
+        return x.repeat_interleave(2, -1).repeat_interleave(2, -2)[:, None].expand(-1, 3, -1, -1)
+
+
+class SentenceData(LightningDataModule):
+    image_size = 4
+
+    def _batches(self):
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(4, 3, 3, 4, 4, generator=g) * 2 - 1
+        batch = {
+            "images": images,
+            "num_images": torch.tensor([3, 2, 3, 3]),
+            "kind": ["x"] * 4,
+            "index": torch.arange(4),
+        }
+        return [batch]
+
+    def train_dataloader(self):
+        return DataLoader(self._batches(), batch_size=None)  # already batched
+
+    def val_dataloader(self):
+        return DataLoader(self._batches(), batch_size=None)
+
+
+def test_on_the_fly_sentences_through_a_frozen_tokenizer(tmp_path):
+    lvm = small_lvm(tokenizer="fake.ckpt")
+    object.__setattr__(lvm, "tokenizer", FakeTokenizer())  # what lvm_pl.vqgan.load_tokenizer would return
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(lvm, SentenceData())
+    assert lvm.layout == TokenLayout(codebook_size=32, tokens_per_image=4)
+    assert lvm.config.vocab_size == 132
+    batch = lvm.token_batch(SentenceData()._batches()[0])
+    assert batch["input_ids"].shape == (4, 13)  # [BOS] + 3 images x 4 codes + [EOS], minus the last
+    assert batch["input_ids"][:, 0].eq(32).all()
+    assert batch["labels"][1, 8].item() == 33 and (batch["labels"][1, 9:] == -100).all()  # 2-image sentence: EOS
+    assert not any(k.startswith("tokenizer") for k in lvm.state_dict())
+
+
+def _tensorboard_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return acc.Tags()
+
+
+def test_fit_tiny_config_on_token_shards_writes_scalars_and_images(tmp_path, repo_root):
+    from main import cli
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("val", 6)):
+        sentences = [rng.integers(0, LAYOUT.codebook_size, size=(3, LAYOUT.tokens_per_image)) for _ in range(n)]
+        shards.write_split(tmp_path / "tokens" / split, split, LAYOUT, sentences)
+    cli(
+        [
+            "fit",
+            "-c",
+            str(repo_root / "configs/lvm/tiny.yaml"),
+            f"--data.train={tmp_path / 'tokens/train'}",
+            f"--data.val={tmp_path / 'tokens/val'}",
+            "--data.seq_len=28",
+            "--model.model_overrides={n_layer: 2, n_embd: 32, n_head: 4, intermediate_size: 64}",
+            "--trainer.max_steps=6",
+            "--trainer.val_check_interval=3",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    (run,) = (tmp_path / "runs" / "lvm_tiny").iterdir()
+    tags = _tensorboard_tags(run)
+    scalars = set(tags["scalars"])
+    expected = {"train/loss", "train/perplexity", "train/lr", "train/grad_norm", "val/loss", "val/perplexity"}
+    assert expected <= scalars, scalars
+    # ThroughputMonitor: items are tokens (length_fn), FLOPs from measure_flops; MFU needs a GPU's peak rate
+    assert {"train/device/items_per_sec", "train/device/flops_per_sec"} <= scalars, scalars
+    assert tags["images"] == ["val/context_prediction_truth"]
+    assert list((run / "checkpoints").glob("last.ckpt"))
