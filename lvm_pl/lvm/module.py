@@ -40,6 +40,9 @@ def batch_tokens(batch: dict) -> int:
 class LVM(LightningModule):
     """LLaMA decoder trained on visual sentences. `model` names a preset of `LVMConfig`, `model_overrides` change it.
 
+    `init_from`: a checkpoint (e.g. from `import-hf`) whose weights and token layout start this run (weights only:
+    optimizer, schedule and loops start fresh; use `--ckpt_path` to resume a run instead).
+
     Optimizer: AdamW, optionally without weight decay on norms, embeddings and biases; schedule: linear warmup to
     `lr`, cosine to `min_lr` at `decay_steps` (default: the Trainer's total steps), then flat at `min_lr`.
     """
@@ -51,6 +54,7 @@ class LVM(LightningModule):
         vocab_size: int | None = None,
         layout: dict[str, Any] | None = None,
         tokenizer: str | None = None,
+        init_from: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
         lr: float = 1e-3,
@@ -90,6 +94,9 @@ class LVM(LightningModule):
         """The layout from checkpoint hparams, the datamodule, or the tokenizer; checked against `vocab_size`."""
         layout = self._layout
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if layout is None and self.hparams.init_from is not None:
+            saved = self._init_checkpoint()[self.CHECKPOINT_HYPER_PARAMS_KEY].get("layout")
+            layout = TokenLayout.from_dict(saved) if saved is not None else None
         if layout is None and isinstance(getattr(datamodule, "layout", None), TokenLayout):
             layout = datamodule.layout
         if layout is None and self.hparams.tokenizer is not None:
@@ -118,9 +125,32 @@ class LVM(LightningModule):
         )
         self.model = LLaMA(self.config)
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
+        if self.hparams.init_from is not None:
+            self._load_init_weights()
         if self.hparams.compile:
             for block in self.model.layers:
                 block.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
+
+    def _init_checkpoint(self) -> dict:
+        path = self.hparams.init_from
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except FileNotFoundError:
+            raise UserError(f"model.init_from={path}: no such file") from None
+
+    def _load_init_weights(self) -> None:
+        state = self._init_checkpoint()["state_dict"]
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise UserError(
+                f"model.init_from={self.hparams.init_from}: weights do not fit model={self.hparams.model!r}"
+                f" with model_overrides={self.hparams.model_overrides} ({str(err).splitlines()[1].strip()})"
+            ) from None
+        say(f"initialised the LVM from {self.hparams.init_from}")
+        # the weights are this run's from now on: its checkpoints must not need (or re-read) the source file
+        self.hparams["init_from"] = None
 
     def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for token ids [B, T]."""

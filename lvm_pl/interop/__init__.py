@@ -1,0 +1,1 @@
+"""Conversions between lvm-pl checkpoints and other libraries' formats."""

@@ -1,0 +1,228 @@
+"""Hugging Face Llama interop: lvm-pl checkpoints <-> transformers `LlamaForCausalLM` directories.
+
+Our decoder names its parameters as `LlamaForCausalLM` does (minus the `model.` prefix of the body) and uses the same
+rotate-half rotary layout, so both directions are a rename; no q/k permutation is needed. The token layout travels in
+config.json as `lvm_layout` (and as bos/eos ids), so an exported model imports back with its vocabulary meaning intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+
+from lvm_pl.atomic import torch_save
+from lvm_pl.console import UserError, say
+from lvm_pl.lvm.config import PRESETS, LVMConfig
+from lvm_pl.lvm.module import LVM
+from lvm_pl.tokens import TokenLayout
+
+SHAPE_FIELDS = ("n_embd", "n_layer", "n_head", "n_query_groups", "intermediate_size", "block_size", "norm_eps")
+
+
+def to_hf_name(name: str) -> str:
+    """Our decoder's parameter name -> LlamaForCausalLM's."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def from_hf_name(name: str) -> str:
+    """LlamaForCausalLM's parameter name -> our decoder's."""
+    return name.removeprefix("model.")
+
+
+def hf_config(config: LVMConfig, layout: TokenLayout):
+    """The `LlamaConfig` of our decoder, with the token layout attached."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_query_groups,
+        head_dim=config.head_size,
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_base},
+        initializer_range=config.init_std,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        bos_token_id=layout.bos_id,
+        eos_token_id=layout.eos_id,
+        torch_dtype="float32",
+        architectures=["LlamaForCausalLM"],
+        lvm_layout=layout.to_dict(),
+    )
+
+
+def export_hf(checkpoint: str, out_dir: str, dtype: str = "float32") -> None:
+    """Write an lvm-pl checkpoint as a transformers LlamaForCausalLM directory (config.json + model.safetensors).
+
+    The directory appears whole or not at all (written in a temporary sibling, then renamed); `dtype` is the weights'.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"out_dir={out_dir}: exists and is not empty; choose a new directory")
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise UserError(f"dtype={dtype!r}: not a torch dtype (float32, bfloat16, float16)")
+    module = _load_lvm(checkpoint)
+    state = {
+        to_hf_name(k): v.detach().to(getattr(torch, dtype)).contiguous() for k, v in module.model.state_dict().items()
+    }
+    config = hf_config(module.config, module.layout)
+    config.torch_dtype = dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"exported {checkpoint} -> {out_dir} ({sum(v.numel() for v in state.values()):,} parameters, {dtype})")
+
+
+def import_hf(
+    hf_dir: str,
+    out: str,
+    codebook_size: int | None = None,
+    tokens_per_image: int | None = None,
+) -> None:
+    """Convert a transformers LlamaForCausalLM directory into an lvm-pl checkpoint (`LVM.load_from_checkpoint`-able).
+
+    The token layout comes from config.json's `lvm_layout` (our exports); otherwise give `codebook_size` and
+    `tokens_per_image` (the released LVM: 8192 and 256), the rest of the vocabulary being special ids.
+    """
+    path = Path(hf_dir)
+    cfg = _read_hf_config(path)
+    layout = _hf_layout(cfg, hf_dir, codebook_size, tokens_per_image)
+    config = _lvm_config(cfg, hf_dir)
+    weights = {from_hf_name(k): v for k, v in _read_hf_weights(path).items()}
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in _model_state_shapes(config).items()}
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise UserError(
+            f"{hf_dir}: weights do not fit a Llama of this config (missing {missing[:3]}, extra {extra[:3]})"
+        )
+    for k, shape in expected.items():
+        if weights[k].shape != shape:
+            raise UserError(f"{hf_dir}: {to_hf_name(k)} has shape {tuple(weights[k].shape)}, expected {tuple(shape)}")
+    preset = _matching_preset(config)
+    overrides = {f: getattr(config, f) for f in SHAPE_FIELDS} | {"rope_base": config.rope_base}
+    hparams = {"model": preset, "model_overrides": overrides, "layout": layout.to_dict()}
+    checkpoint = {
+        "state_dict": {f"model.{k}": v.float() for k, v in weights.items()},
+        LVM.CHECKPOINT_HYPER_PARAMS_KEY: hparams,
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    torch_save(out, checkpoint)
+    say(f"imported {hf_dir} -> {out} (preset {preset}, vocabulary {layout.vocab_size})")
+
+
+def _load_lvm(checkpoint: str) -> LVM:
+    if not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint={checkpoint}: no such file")
+    module = LVM.load_from_checkpoint(checkpoint, map_location="cpu")
+    return module.eval()
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"hf_dir={path}: no config.json; expected a transformers LlamaForCausalLM directory")
+    cfg = json.loads(config_file.read_text())
+    if cfg.get("model_type") != "llama":
+        raise UserError(f"{config_file}: model_type={cfg.get('model_type')!r}, expected 'llama'")
+    unsupported = {
+        "attention_bias": cfg.get("attention_bias", False),
+        "mlp_bias": cfg.get("mlp_bias", False),
+        "tie_word_embeddings": cfg.get("tie_word_embeddings", False),
+    }
+    for key, value in unsupported.items():
+        if value:
+            raise UserError(f"{config_file}: {key}={value} is not supported by the lvm-pl decoder")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{config_file}: hidden_act={cfg['hidden_act']!r}, the lvm-pl decoder uses silu (SwiGLU)")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"{config_file}: rope scaling {rope} is not supported (plain rotary embeddings only)")
+    return cfg
+
+
+def _hf_layout(cfg: dict, hf_dir: str, codebook_size: int | None, tokens_per_image: int | None) -> TokenLayout:
+    if "lvm_layout" in cfg and codebook_size is None and tokens_per_image is None:
+        layout = TokenLayout.from_dict(cfg["lvm_layout"])
+    elif codebook_size is None or tokens_per_image is None:
+        raise UserError(
+            f"{hf_dir}/config.json has no lvm_layout: give codebook_size and tokens_per_image"
+            " (the released LVM: 8192 and 256)"
+        )
+    else:
+        num_special = cfg["vocab_size"] - codebook_size
+        layout = TokenLayout(codebook_size=codebook_size, tokens_per_image=tokens_per_image, num_special=num_special)
+    layout.check_compatible(cfg["vocab_size"], f"{hf_dir}/config.json vocab_size")
+    return layout
+
+
+def _lvm_config(cfg: dict, hf_dir: str) -> LVMConfig:
+    n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or n_embd // n_head
+    if head_dim * n_head != n_embd:
+        raise UserError(f"{hf_dir}/config.json: head_dim={head_dim} x heads={n_head} != hidden_size={n_embd}")
+    rope = cfg.get("rope_parameters") or {}
+    return LVMConfig(
+        vocab_size=cfg["vocab_size"],
+        block_size=cfg.get("max_position_embeddings", 4096),
+        n_embd=n_embd,
+        n_layer=cfg["num_hidden_layers"],
+        n_head=n_head,
+        n_query_groups=cfg.get("num_key_value_heads") or n_head,
+        intermediate_size=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+    )
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(str(path / f)).items()}
+    raise UserError(f"hf_dir={path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _model_state_shapes(config: LVMConfig) -> dict[str, torch.Tensor]:
+    from lvm_pl.lvm.model import LLaMA
+
+    return LLaMA(config).state_dict()
+
+
+def _matching_preset(config: LVMConfig) -> str:
+    """The preset this shape is (so hparams read naturally), else `tiny` with every shape field overridden."""
+    for name in PRESETS:
+        candidate = LVMConfig.from_name(name)
+        if name != "tiny" and all(getattr(candidate, f) == getattr(config, f) for f in SHAPE_FIELDS):
+            return name
+    return "tiny"
