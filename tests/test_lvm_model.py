@@ -144,3 +144,18 @@ def test_init_is_normal_002():
     model = LLaMA(LVMConfig.from_name("tiny"))
     assert abs(model.lm_head.weight.std().item() - 0.02) < 1e-3
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+
+
+@pytest.mark.gpu
+def test_bf16_cuda_cached_decode_and_document_mask_follow_fp32():
+    model = small_model().cuda()
+    idx = torch.randint(0, 97, (2, 24), device="cuda")
+    doc_ids = (torch.arange(24, device="cuda") >= 10).long().expand(2, -1)
+    with torch.no_grad():
+        reference = model(idx, doc_ids=doc_ids).float()
+        model.to(torch.bfloat16)
+        masked = model(idx, doc_ids=doc_ids).float()
+        model.setup_kv_cache(batch_size=2, max_seq_length=32)
+        prefill = model(idx[:, :10], input_pos=torch.arange(10, device="cuda")).float()
+    torch.testing.assert_close(masked, reference, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(prefill, reference[:, :10], atol=5e-2, rtol=5e-2)

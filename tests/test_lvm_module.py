@@ -148,10 +148,20 @@ class SentenceData(LightningDataModule):
 
 
 def test_on_the_fly_sentences_through_a_frozen_tokenizer(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     lvm = small_lvm(tokenizer="fake.ckpt")
     object.__setattr__(lvm, "tokenizer", FakeTokenizer())  # what lvm_pl.vqgan.load_tokenizer would return
-    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    logger = TensorBoardLogger(tmp_path, name="otf")
+    trainer = Trainer(max_steps=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(lvm, SentenceData())
+    # the preview grid decodes through the tokenizer: 4 rows of 4x4 pixel frames, context | prediction | truth
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    image = acc.Images("val/context_prediction_truth")[-1]  # one per validation epoch
+    assert (image.height, image.width) == (4 * 6 + 2, 4 * 6 + 2)
     assert lvm.layout == TokenLayout(codebook_size=32, tokens_per_image=4)
     assert lvm.config.vocab_size == 132
     batch = lvm.token_batch(SentenceData()._batches()[0])
