@@ -210,3 +210,15 @@ def test_fit_tiny_config_on_token_shards_writes_scalars_and_images(tmp_path, rep
     assert {"train/device/items_per_sec", "train/device/flops_per_sec"} <= scalars, scalars
     assert tags["images"] == ["val/context_prediction_truth"]
     assert list((run / "checkpoints").glob("last.ckpt"))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_keep_names_and_logits():
+    eager = small_lvm(layout=LAYOUT.to_dict())
+    eager.configure_model()
+    compiled = small_lvm(layout=LAYOUT.to_dict(), compile=True)
+    compiled.configure_model()
+    compiled.model.load_state_dict(eager.model.state_dict())  # same names: checkpoints move between the two
+    idx = torch.randint(0, LAYOUT.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx), eager(idx), atol=1e-5, rtol=1e-5)
