@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules.tokens import TokenDataModule, WindowSampler, sentence_windows, stream_windows
 from lvm_pl import shards
@@ -271,3 +271,44 @@ def test_ddp_ranks_get_disjoint_windows(tmp_path):
     assert len(seen[0]) == len(seen[1]) == 5
     windows = sorted(tuple(stream[i * 6 : i * 6 + 6].tolist()) for i in range(10))
     assert sorted(map(tuple, seen[0] + seen[1])) == windows  # each window once, on exactly one rank
+
+
+class _SeenWindows(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen += batch["input_ids"].tolist()
+
+
+def _fit_lvm(data_dir, max_steps=-1, ckpt_dir=None, ckpt_path=None):
+    from lvm_pl.lvm.module import LVM
+
+    model = LVM(model="tiny", model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64})
+    seen = _SeenWindows()
+    callbacks = [seen]
+    if ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=max_steps, save_top_k=-1))
+    trainer = Trainer(
+        max_epochs=2,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=bool(ckpt_dir),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+    trainer.fit(model, TokenDataModule(train=str(data_dir), seq_len=6, batch_size=2, seed=7), ckpt_path=ckpt_path)
+    return seen.seen
+
+
+def test_lvm_resume_mid_epoch_continues_with_the_right_window(tmp_path):
+    """With the real LVM module, whose LR schedule asks for `estimated_stepping_batches` before the restore."""
+    _write(tmp_path / "data", [2] * 6)
+    reference = _fit_lvm(tmp_path / "data")
+    first = _fit_lvm(tmp_path / "data", max_steps=7, ckpt_dir=tmp_path / "ckpt")
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    rest = _fit_lvm(tmp_path / "data", ckpt_path=str(ckpt))
+    assert len(reference) == 20 and first + rest == reference
