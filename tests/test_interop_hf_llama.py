@@ -112,3 +112,35 @@ def test_imported_checkpoint_initialises_a_fit(tmp_path, lvm_checkpoint):
     wrong = LVM(model="tiny", init_from=str(tmp_path / "imported.ckpt"))
     with pytest.raises(UserError, match="weights do not fit"):
         wrong.configure_model()
+
+
+def test_imported_checkpoint_validates_through_the_cli(tmp_path, lvm_checkpoint, repo_root):
+    """`validate --ckpt_path imported.ckpt`: the CLI takes the model's shape and layout from the checkpoint's
+    hyper-parameters (the YAML says only `tiny`) and loads the imported weights."""
+    import numpy as np
+
+    from lvm_pl import shards
+    from main import cli
+
+    ckpt, _ = lvm_checkpoint
+    export_hf(str(ckpt), str(tmp_path / "hf"))
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "imported.ckpt"))
+    rng = np.random.default_rng(0)
+    sentences = [rng.integers(0, LAYOUT.codebook_size, size=(2, LAYOUT.tokens_per_image)) for _ in range(4)]
+    shards.write_split(tmp_path / "val", "val", LAYOUT, sentences)
+    run = cli(
+        [
+            "validate",
+            "-c",
+            str(repo_root / "configs/lvm/tiny.yaml"),
+            "--data.train=null",
+            f"--data.val={tmp_path / 'val'}",
+            "--data.seq_len=10",
+            f"--ckpt_path={tmp_path / 'imported.ckpt'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    imported = torch.load(tmp_path / "imported.ckpt", weights_only=True)["state_dict"]
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, imported[k]), k
+    assert "val/loss" in run.trainer.callback_metrics

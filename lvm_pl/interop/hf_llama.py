@@ -126,7 +126,13 @@ def import_hf(
             raise UserError(f"{hf_dir}: {to_hf_name(k)} has shape {tuple(weights[k].shape)}, expected {tuple(shape)}")
     preset = _matching_preset(config)
     overrides = {f: getattr(config, f) for f in SHAPE_FIELDS} | {"rope_base": config.rope_base}
-    hparams = {"model": preset, "model_overrides": overrides, "layout": layout.to_dict()}
+    # `_class_path` as LightningCLI writes it: `--ckpt_path` then applies these hyper-parameters to the model config
+    hparams = {
+        "_class_path": f"{LVM.__module__}.{LVM.__qualname__}",
+        "model": preset,
+        "model_overrides": overrides,
+        "layout": layout.to_dict(),
+    }
     checkpoint = {
         "state_dict": {f"model.{k}": v.float() for k, v in weights.items()},
         LVM.CHECKPOINT_HYPER_PARAMS_KEY: hparams,
