@@ -74,6 +74,7 @@ class LVM(LightningModule):
         self._layout = TokenLayout.from_dict(layout) if layout is not None else None
         self._preview: list[dict[str, torch.Tensor]] = []
         self._flops_shape: tuple[int, int] | None = None
+        self.flops_per_batch: int | None = None  # ThroughputMonitor reads it; set per token-batch shape
 
     @property
     def layout(self) -> TokenLayout | None:
