@@ -19,6 +19,8 @@ from lvm_pl.console import UserError
 # signature and docstring, so adding a command is adding one line here.
 COMMANDS: dict[str, str] = {
     "preview-data": "datamodules.preview:preview_data",
+    "export-hf": "lvm_pl.interop.hf_llama:export_hf",
+    "import-hf": "lvm_pl.interop.hf_llama:import_hf",
 }
 
 TRAINER_DEFAULTS = {
