@@ -26,8 +26,10 @@ from torch import nn
 
 from bench.common import alternate, figure, median, peak_gemm_flops, write_results
 from lvm_pl.console import say
+from lvm_pl.interop.hf_llama import hf_config, to_hf_name
 from lvm_pl.lvm.config import LVMConfig
 from lvm_pl.lvm.model import LLaMA
+from lvm_pl.tokens import TokenLayout
 
 REFERENCE = "transformers LlamaForCausalLM (sdpa)"
 # --quick shrinks the tiny preset further, so the smoke run takes seconds
@@ -35,28 +37,17 @@ QUICK_OVERRIDES = dict(n_embd=64, n_layer=2, n_head=2, intermediate_size=172)
 
 
 def hf_twin(model: LLaMA) -> nn.Module:
-    """transformers' LlamaForCausalLM with our config and a copy of our weights (names differ by `model.` only)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers' LlamaForCausalLM (sdpa) with our config and a copy of our weights, via lvm_pl.interop.hf_llama."""
+    from transformers import LlamaForCausalLM
 
     c = model.config
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.n_embd,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head,
-            num_key_value_heads=c.n_query_groups,
-            max_position_embeddings=c.block_size,
-            rms_norm_eps=c.norm_eps,
-            rope_theta=c.rope_base,
-            tie_word_embeddings=False,
-            use_cache=False,
-            attn_implementation="sdpa",
-        )
-    )
-    state = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    # the layout only sets config.json's bos/eos ids; any codebook that fills the vocabulary will do
+    layout = TokenLayout(codebook_size=c.vocab_size - TokenLayout.num_special, tokens_per_image=1)
+    hf_cfg = hf_config(c, layout)
+    hf_cfg._attn_implementation = "sdpa"  # the reference the issue names, whatever transformers' default becomes
+    hf_cfg.use_cache = False
+    hf = LlamaForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict({to_hf_name(k): v for k, v in model.state_dict().items()}, strict=False)
     if unexpected or any("rotary_emb" not in k for k in missing):
         raise RuntimeError(f"weight mapping to LlamaForCausalLM is stale: missing={missing} unexpected={unexpected}")
     return hf.to(next(model.parameters()).device)

@@ -100,11 +100,11 @@ def test_train_flops_formula_matches_the_counter_and_twins_agree():
     from lvm_pl.lvm.config import LVMConfig
     from lvm_pl.lvm.model import LLaMA
 
-    config = LVMConfig(vocab_size=97, block_size=64, n_embd=32, n_layer=2, n_head=4, n_query_groups=2)
+    config = LVMConfig(vocab_size=8292, block_size=64, n_embd=32, n_layer=2, n_head=4, n_query_groups=2)
     assert flops_per_step(config, 2, 48) == pytest.approx(formula_flops_per_token(config, 48) * 2 * 48, rel=1e-9)
     torch.manual_seed(0)
     ours = LLaMA(config).eval()
-    idx = torch.randint(0, 97, (2, 16))
+    idx = torch.randint(0, 8292, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf_twin(ours).eval()(input_ids=idx).logits, atol=1e-5, rtol=1e-5)
 
