@@ -1,0 +1,189 @@
+"""Prompts from YAML/JSONL files, folders and the built-in source; predict end to end into PNG files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Trainer
+from PIL import Image
+from test_generation import FakeTokenizer
+
+from callbacks.image_writer import ImageWriter
+from datamodules.prompts import PromptDataModule, collate_prompts, split_sentence
+from datamodules.sources.builtin import BuiltinSource
+from lvm_pl.console import UserError
+from lvm_pl.lvm.generation import GenerationSettings, predict_batch
+from lvm_pl.lvm.module import LVM
+from lvm_pl.tokens import TokenLayout
+
+
+def write_images(folder: Path, names: list[str], size: int = 20) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((size, size + 4, 3), 10 * i, np.uint8)).save(folder / name)
+    return names
+
+
+def batch_of(dm: PromptDataModule) -> dict:
+    return next(iter(dm.predict_dataloader()))
+
+
+def test_yaml_file_prompts_resolve_paths_kinds_and_frames(tmp_path):
+    write_images(tmp_path / "imgs", ["a.png", "b.png", "c.png", "d.png"])
+    entries = [
+        {"images": ["imgs/a.png", "imgs/b.png"], "truth": ["imgs/c.png"], "name": "walk"},
+        {"images": ["imgs/a.png", "imgs/b.png", "imgs/c.png"], "kind": "analogy"},
+        {"images": ["imgs/d.png"], "kind": "category", "num_frames": 3},
+    ]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"prompts": entries}))
+    dm = PromptDataModule(file=str(tmp_path / "p.yaml"), num_frames=2, image_size=16, batch_size=3)
+    dm.setup()
+    assert [(p.name, p.kind, p.num_frames, len(p.images), len(p.truth)) for p in dm.prompts] == [
+        ("walk", "sequence", 2, 2, 1),
+        ("00001_analogy", "analogy", 1, 3, 0),
+        ("00002_category", "category", 3, 1, 0),
+    ]
+    batch = batch_of(dm)
+    assert batch["prompt"].shape == (3, 3, 3, 16, 16) and batch["truth"].shape == (3, 1, 3, 16, 16)
+    assert batch["num_prompt"].tolist() == [2, 3, 1] and batch["num_truth"].tolist() == [1, 0, 0]
+    assert batch["num_frames"].tolist() == [2, 1, 3] and batch["kind"] == ["sequence", "analogy", "category"]
+    assert batch["prompt"].min() >= -1 and batch["prompt"].max() <= 1
+    assert (batch["prompt"][2, 1:] == 0).all()  # padding past a prompt's images
+
+
+def test_jsonl_file_prompts(tmp_path):
+    write_images(tmp_path, ["x.png", "y.png"])
+    lines = [json.dumps({"images": ["x.png"], "truth": ["y.png"]}), "", json.dumps({"images": ["y.png", "x.png"]})]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines))
+    dm = PromptDataModule(file=str(tmp_path / "p.jsonl"), image_size=16)
+    dm.setup()
+    assert [len(p.images) for p in dm.prompts] == [1, 2] and dm.prompts[0].truth == [str(tmp_path / "y.png")]
+
+
+@pytest.mark.parametrize(
+    "entry,match",
+    [
+        ({"images": ["missing.png"]}, r"p.yaml prompt 0: images file .*missing.png does not exist"),
+        ({"images": []}, "non-empty list `images`"),
+        ({"images": ["a.png"], "kind": "single"}, "kind='single'"),
+        ({"images": ["a.png"], "num_frames": 0}, "num_frames=0"),
+        ({"images": ["a.png"], "truth": "a.png"}, "`truth` must be a list"),
+    ],
+)
+def test_bad_file_entries_name_the_file_and_entry(tmp_path, entry, match):
+    write_images(tmp_path, ["a.png"])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump([entry]))
+    with pytest.raises(UserError, match=match):
+        PromptDataModule(file=str(tmp_path / "p.yaml")).setup()
+
+
+def test_exactly_one_origin_and_unreadable_image_named(tmp_path):
+    with pytest.raises(UserError, match="exactly one of"):
+        PromptDataModule()
+    with pytest.raises(UserError, match="exactly one of"):
+        PromptDataModule(file="a.yaml", folder="b")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump([{"images": ["bad.png"]}]))
+    dm = PromptDataModule(file=str(tmp_path / "p.yaml"), image_size=16)
+    with pytest.raises(UserError, match="bad.png"):
+        batch_of(dm)
+
+
+def test_folder_prompts_in_natural_order_with_truth(tmp_path):
+    write_images(tmp_path / "clip" / "truth", ["t.png"])
+    write_images(tmp_path / "clip", ["f10.png", "f2.png", "f1.png"])
+    write_images(tmp_path / "other", ["a.png"])
+    (tmp_path / "empty").mkdir()
+    dm = PromptDataModule(folder=str(tmp_path), num_frames=3, image_size=16)
+    dm.setup()
+    assert [p.name for p in dm.prompts] == ["clip", "other"]
+    assert [Path(x).name for x in dm.prompts[0].images] == ["f1.png", "f2.png", "f10.png"]
+    assert [Path(x).name for x in dm.prompts[0].truth] == ["t.png"] and dm.prompts[1].num_frames == 3
+
+
+def test_split_sentence_by_kind():
+    assert split_sentence([1, 2, 3, 4], "sequence", 2) == ([1, 2], [3, 4])
+    assert split_sentence([1, 2], "sequence", 5) == ([1], [2])
+    assert split_sentence([1, 2, 3, 4], "analogy", 3) == ([1, 2, 3], [4])
+    assert split_sentence([1, 2, 3], "category", 1) == ([1, 2], [3])
+    assert split_sentence([1], "sequence", 1) is None and split_sentence([1], "single", 1) is None
+
+
+def test_builtin_held_out_sentences_become_prompts_with_their_ground_truth():
+    source = BuiltinSource(splits={"train": 0, "val": 24, "test": 0})
+    dm = PromptDataModule(source=source, split="val", num_frames=2, image_size=16, batch_size=64)
+    dm.setup()
+    kinds = {p.kind for p in dm.prompts}
+    assert kinds <= {"sequence", "analogy", "category"} and len(kinds) >= 2
+    whole = {i: source.sentence("val", i) for i in range(24)}
+    for p in dm.prompts:
+        index = int(p.name[3:8])
+        full = whole[index].images
+        assert len(p.images) + len(p.truth) == len(full) and p.num_frames == len(p.truth)
+        assert p.num_frames == (1 if p.kind == "analogy" else min(2, len(full) - 1))
+        assert all(np.array_equal(a, b) for a, b in zip(p.images + p.truth, full, strict=True))
+    assert len(dm.prompts) == sum(s.kind != "single" for s in whole.values())
+    only = PromptDataModule(source=source, split="val", kind="analogy", limit=2, image_size=16)
+    only.setup()
+    assert [p.kind for p in only.prompts] == ["analogy", "analogy"]
+
+
+def test_collate_pads_prompts_and_missing_truth():
+    items = [
+        {"prompt": torch.ones(2, 3, 4, 4), "truth": None, "num_frames": 1, "kind": "sequence", "name": "a", "index": 0},
+        {
+            "prompt": torch.ones(1, 3, 4, 4),
+            "truth": torch.ones(3, 3, 4, 4),
+            "num_frames": 2,
+            "kind": "x",
+            "name": "b",
+            "index": 1,
+        },
+    ]
+    batch = collate_prompts(items)
+    assert batch["prompt"].shape == (2, 2, 3, 4, 4) and batch["truth"].shape == (2, 3, 3, 4, 4)
+    assert batch["num_truth"].tolist() == [0, 3] and (batch["truth"][0] == 0).all()
+
+
+class PromptingLVM(LVM):
+    """The LVM with the predict wiring `lvm_pl/lvm/generation.py` asks module.py for."""
+
+    def __init__(self, generation: GenerationSettings | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.generation = generation or GenerationSettings()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return predict_batch(self.model, self._load_tokenizer(), self.layout, batch, self.generation)
+
+
+def test_predict_writes_a_grid_per_prompt_and_a_png_per_frame(tmp_path):
+    size, layout = 16, TokenLayout(codebook_size=16, tokens_per_image=16, num_special=4)
+    module = PromptingLVM(
+        generation=GenerationSettings(temperature=1.0, top_k=8, num_candidates=2, max_context_frames=3),
+        model="tiny",
+        model_overrides={"n_embd": 32, "n_layer": 1, "n_head": 2, "intermediate_size": 64, "block_size": 128},
+        layout=layout.to_dict(),
+    )
+    object.__setattr__(module, "tokenizer", FakeTokenizer(layout.codebook_size))
+    source = BuiltinSource(splits={"train": 0, "val": 6, "test": 0}, sequence_length=(2, 5), category_size=(2, 3))
+    dm = PromptDataModule(source=source, num_frames=2, image_size=size, batch_size=4)
+    writer = ImageWriter(output_dir=str(tmp_path / "out"))
+    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+    trainer.predict(module, datamodule=dm, return_predictions=False)
+
+    prompts = dm.prompts
+    grids = sorted((tmp_path / "out").glob("*.png"))
+    assert [g.stem for g in grids] == sorted(p.name for p in prompts)
+    frames = sorted((tmp_path / "out").glob("*/c*_f*.png"))
+    assert len(frames) == 2 * sum(p.num_frames for p in prompts) == writer.written["frames"]
+    assert all(Image.open(f).size == (size, size) for f in frames)
+    for p in prompts:
+        cols = len(p.images) + 1 + p.num_frames + (1 + len(p.truth) if p.truth else 0)
+        grid = Image.open(tmp_path / "out" / f"{p.name}.png")
+        assert grid.size == (cols * (size + 2) + 2, 2 * (size + 2) + 2) and grid.mode == "RGB"
+    assert not list((tmp_path / "out").rglob("*.tmp"))  # atomic writes leave no temporaries
