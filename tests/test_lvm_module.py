@@ -201,7 +201,7 @@ def test_fit_tiny_config_on_token_shards_writes_scalars_and_images(tmp_path, rep
             "--trainer.enable_progress_bar=false",
         ]
     )
-    (run,) = (tmp_path / "runs" / "lvm_tiny").iterdir()
+    (run,) = (tmp_path / "runs" / "lvm_tiny").glob("version_*")
     tags = _tensorboard_tags(run)
     scalars = set(tags["scalars"])
     expected = {"train/loss", "train/perplexity", "train/lr", "train/grad_norm", "val/loss", "val/perplexity"}
@@ -210,7 +210,7 @@ def test_fit_tiny_config_on_token_shards_writes_scalars_and_images(tmp_path, rep
     assert {"train/device/items_per_sec", "train/device/flops_per_sec"} <= scalars, scalars
     assert tags["images"] == ["val/context_prediction_truth"]
     # the CLI's checkpoint carries the resolved layout: it loads back without data
-    loaded = LVM.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    loaded = LVM.load_from_checkpoint(tmp_path / "runs" / "lvm_tiny" / "checkpoints" / "last.ckpt")
     assert loaded.layout == LAYOUT and loaded.config.vocab_size == LAYOUT.vocab_size
 
 
