@@ -19,7 +19,9 @@ from lightning.pytorch.utilities import grad_norm
 
 from lvm_pl import images as image_utils
 from lvm_pl.console import UserError, say
+from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.lvm.config import LVMConfig
+from lvm_pl.lvm.evaluation import TestEvaluation, shard_locator
 from lvm_pl.lvm.model import LLaMA, RMSNorm
 from lvm_pl.tokens import TokenLayout
 
@@ -45,6 +47,13 @@ class LVM(LightningModule):
 
     Optimizer: AdamW, optionally without weight decay on norms, embeddings and biases; schedule: linear warmup to
     `lr`, cosine to `min_lr` at `decay_steps` (default: the Trainer's total steps), then flat at `min_lr`.
+
+    `test` (lvm_pl/lvm/evaluation.py): target-image perplexity by sentence kind, the context-length study over
+    `context_frames` frames (0: off) and greedy next-frame quality on up to `next_frame_examples` sentences (0: off).
+    Both are run settings, not model properties: checkpoints leave them out, so the test config decides.
+
+    `non_finite`: a NaN/Inf training loss stops the run naming the step (`stop`; the last checkpoint stays the last
+    good one) or skips that step's update (`skip`).
     """
 
     def __init__(
@@ -65,9 +74,14 @@ class LVM(LightningModule):
         warmup_steps: int = 0,
         decay_steps: int | None = None,
         num_preview: int = 4,
+        context_frames: int = 0,
+        next_frame_examples: int = 0,
+        non_finite: NonFinitePolicy = "stop",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["context_frames", "next_frame_examples"])
+        self.context_frames, self.next_frame_examples = context_frames, next_frame_examples
+        self._evaluation: TestEvaluation | None = None
         self.config = LVMConfig.from_name(model, **(model_overrides or {}))
         self.model: LLaMA | None = None
         self.tokenizer: torch.nn.Module | None = None
@@ -178,9 +192,11 @@ class LVM(LightningModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         batch = self.token_batch(batch)
         loss, _ = self._loss(batch)
+        if not check_finite({"train/loss": loss}, self.global_step, self.hparams.non_finite):
+            return None  # Lightning skips backward and the optimizer step for this batch
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/perplexity", loss.detach().exp())
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -189,16 +205,23 @@ class LVM(LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
+    def on_test_epoch_start(self) -> None:
+        locate = shard_locator(self.trainer)
+        self._evaluation = TestEvaluation(self._layout, self.context_frames, self.next_frame_examples, locate)
 
-    def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        tokens, logits = self._eval_step(batch, batch_idx, "test")
+        tokenizer = self._load_tokenizer() if self.hparams.tokenizer is not None else None
+        self._evaluation.update(self.model, batch, tokens, logits, batch_idx, tokenizer)
+
+    def _eval_step(self, batch: dict, batch_idx: int, split: str) -> tuple[dict, torch.Tensor]:
         batch = self.token_batch(batch)
         loss, logits = self._loss(batch)
         weight = int((batch["labels"] != IGNORE_INDEX).sum())
         self.log(f"{split}/loss", loss, sync_dist=True, batch_size=max(weight, 1))
         if split == "val" and batch_idx == 0:
             self._preview = self._preview_rows(batch, logits)
+        return batch, logits
 
     def on_validation_epoch_end(self) -> None:
         # perplexity of the token-weighted mean loss, not the mean of per-batch perplexities
@@ -210,7 +233,9 @@ class LVM(LightningModule):
     def on_test_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("test/loss")
         if loss is not None:
-            self.log("test/perplexity", loss.exp())
+            self.log("test/perplexity", loss.exp())  # of every token, teacher-forced; the evaluation's are per target
+        for key, value in self._evaluation.finish(self.trainer).items():
+            self.log(key, value)
 
     def _preview_rows(self, batch: dict, logits: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Teacher-forced preview: for the first whole sentence of each window (>= 2 images), the argmax of the
@@ -264,6 +289,12 @@ class LVM(LightningModule):
         ]
         picture = image_utils.grid(cells)  # each row: context frames | prediction of the last | truth
         logger.experiment.add_image("val/context_prediction_truth", picture, self.global_step, dataformats="HWC")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # an LVM checkpoint always carries its token layout (configure_model stores it); others fail here, by name
+        if "layout" not in checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}):
+            path = self._trainer.ckpt_path if self._trainer is not None else None
+            raise UserError(f"ckpt_path={path}: not an LVM checkpoint (no token layout in its hyper-parameters)")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # FLOPs per batch for ThroughputMonitor's MFU, measured once per batch shape on a meta-device twin
