@@ -1,0 +1,184 @@
+"""Exact resume after `kill -9`: a `fit` killed at an arbitrary step and resumed with `--ckpt_path last` ends with
+the same weights, optimizer and schedule, bit for bit, as an uninterrupted run of the same number of steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+from lvm_pl import shards
+from lvm_pl.tokens import TokenLayout
+
+LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
+STEPS, EVERY = 12, 3  # 12 steps, a checkpoint every 3; 5 batches an epoch, so the run crosses two epoch ends
+
+
+class StepPacer(Callback):
+    """Test helper: after each step, write the step to `path` and sleep, so the test can kill the run at a step."""
+
+    def __init__(self, path: str, seconds: float = 0.0) -> None:
+        self.path, self.seconds = Path(path), seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.path.write_text(str(trainer.global_step))
+        time.sleep(self.seconds)
+
+
+def _tiny_shards(directory: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, LAYOUT.codebook_size, size=(2, LAYOUT.tokens_per_image)) for _ in range(9)]
+    shards.write_split(directory, "train", LAYOUT, images)  # 9 x 10 tokens -> 89 labels -> 12 windows of 8 (+1 tail)
+
+
+def _callbacks(repo_root: Path, run_dir: Path, pace: float) -> list[dict]:
+    """tiny.yaml's callbacks with its ModelCheckpoint saving every EVERY steps, plus the pacer."""
+    callbacks = yaml.safe_load((repo_root / "configs/lvm/tiny.yaml").read_text())["trainer"]["callbacks"]
+    (checkpoint,) = [c for c in callbacks if c["class_path"].endswith(".ModelCheckpoint")]
+    assert checkpoint["init_args"]["save_last"] and checkpoint["init_args"]["dirpath"]
+    checkpoint["init_args"]["every_n_train_steps"] = EVERY
+    pacer = {"class_path": f"{__name__}.StepPacer", "init_args": {"path": str(run_dir / "step.txt"), "seconds": pace}}
+    return [*callbacks, pacer]
+
+
+def _override(repo_root: Path, run_dir: Path, data: Path, pace: float) -> Path:
+    """A config on top of configs/lvm/tiny.yaml + configs/data/tokens.yaml that makes the run tiny and seeded."""
+    config = {
+        "seed_everything": 1234,
+        "model": {
+            "init_args": {
+                "model_overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64},
+                "warmup_steps": 2,
+            }
+        },
+        "data": {"init_args": {"train": str(data), "val": None, "seq_len": 8, "batch_size": 2, "num_workers": 0}},
+        "trainer": {
+            "max_steps": STEPS,
+            "deterministic": True,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "callbacks": _callbacks(repo_root, run_dir, pace),
+        },
+    }
+    path = run_dir / "override.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env() -> dict[str, str]:
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), str(Path(__file__).parent)])
+    return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def _fit_command(repo_root: Path, override: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(repo_root / "main.py"),
+        "fit",
+        "-c",
+        str(repo_root / "configs/lvm/tiny.yaml"),
+        "-c",
+        str(repo_root / "configs/data/tokens.yaml"),
+        "-c",
+        str(override),
+        *extra,
+    ]
+
+
+def _last(run_dir: Path) -> Path:
+    path = run_dir / "runs/lvm_tiny/checkpoints/last.ckpt"  # tiny.yaml's ModelCheckpoint dirpath
+    assert path.exists(), f"no {path}"
+    return path
+
+
+def _training_state(path: Path) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    loop = ckpt["loops"]["fit_loop"]
+    return {
+        "global_step": ckpt["global_step"],
+        "epoch": ckpt["epoch"],
+        "state_dict": ckpt["state_dict"],
+        "optimizer": ckpt["optimizer_states"],
+        "scheduler": ckpt["lr_schedulers"],
+        "batches": loop["epoch_loop.batch_progress"],
+        "data": ckpt.get("datamodule_hyper_parameters"),
+    }
+
+
+def _assert_bitwise_equal(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: differs (max abs diff {(a.float() - b.float()).abs().max()})"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.slow
+def test_lvm_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root):
+    """kill -9 after step 7 (last checkpoint at step 6), resume with `--ckpt_path last`: final state == reference."""
+    _tiny_shards(tmp_path / "data")
+    env = _env()
+
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    ref = subprocess.run(
+        _fit_command(repo_root, _override(repo_root, ref_dir, tmp_path / "data", 0.0)),
+        cwd=ref_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    override = _override(repo_root, run_dir, tmp_path / "data", 0.5)
+    proc = subprocess.Popen(
+        _fit_command(repo_root, override), cwd=run_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    kill_after, deadline = 2 * EVERY + 1, time.monotonic() + 300
+    step_file = run_dir / "step.txt"
+    while not (step_file.exists() and step_file.read_text() and int(step_file.read_text()) >= kill_after):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run did not reach the kill step"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(_last(run_dir), map_location="cpu", weights_only=False)["global_step"] == 2 * EVERY
+
+    resumed = subprocess.run(
+        _fit_command(repo_root, _override(repo_root, run_dir, tmp_path / "data", 0.0), "--ckpt_path", "last"),
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stderr, resumed.stderr
+
+    expected, got = _training_state(_last(ref_dir)), _training_state(_last(run_dir))
+    assert expected["global_step"] == STEPS
+    _assert_bitwise_equal(expected, got)
