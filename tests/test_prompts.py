@@ -187,3 +187,51 @@ def test_predict_writes_a_grid_per_prompt_and_a_png_per_frame(tmp_path):
         grid = Image.open(tmp_path / "out" / f"{p.name}.png")
         assert grid.size == (cols * (size + 2) + 2, 2 * (size + 2) + 2) and grid.mode == "RGB"
     assert not list((tmp_path / "out").rglob("*.tmp"))  # atomic writes leave no temporaries
+
+
+class CLIPromptingLVM(PromptingLVM):
+    """`PromptingLVM` whose `tokenizer` path loads the fake 4x tokenizer (no VQGAN checkpoint in unit tests)."""
+
+    def _load_tokenizer(self) -> FakeTokenizer:
+        if self.tokenizer is None:
+            object.__setattr__(self, "tokenizer", FakeTokenizer(16))
+        return self.tokenizer
+
+
+def generate_yaml(repo_root: Path, tmp_path: Path) -> str:
+    """configs/generate.yaml with its model class swapped for `CLIPromptingLVM` (same init args plus the fake
+    tokenizer); the swap is in the file because the CLI checks a config's keys against the class it names."""
+    config = yaml.safe_load((repo_root / "configs/generate.yaml").read_text())
+    config["model"]["class_path"] = "test_prompts.CLIPromptingLVM"
+    config["model"]["init_args"]["tokenizer"] = "fake"
+    (tmp_path / "generate.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "generate.yaml")
+
+
+def test_generate_yaml_predicts_through_the_cli(repo_root, tmp_path):
+    from main import cli
+
+    args = ["predict", "-c", generate_yaml(repo_root, tmp_path)]
+    args += ["--model.init_args.model_overrides", '{"n_embd": 32, "n_layer": 1, "n_head": 2, "block_size": 160}']
+    args += ["--data.init_args.limit", "3", "--data.init_args.image_size", "16", "--trainer.accelerator", "cpu"]
+    args += ["--data.init_args.source.init_args.splits", '{"train": 0, "val": 8, "test": 0}']
+    args += ["--trainer.callbacks.init_args.output_dir", str(tmp_path / "gen")]
+    run = cli(args)
+    assert run.model.generation == GenerationSettings(1.0, 100, None, 2, 15, 0, False)
+    assert run.model.layout.tokens_per_image == 16 and run.model.config.vocab_size == 116
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 3
+    assert list(Path("runs/generate").rglob("events.out.tfevents.*"))  # grids logged to TensorBoard
+
+
+@pytest.mark.parametrize("name", ["prompts_file.yaml", "prompts_folder.yaml"])
+def test_prompt_data_configs_compose_with_generate_yaml(repo_root, tmp_path, name):
+    from main import cli
+
+    write_images(tmp_path / "prompts" / "clip", ["a.png", "b.png"])
+    (tmp_path / "prompts.yaml").write_text(yaml.safe_dump([{"images": ["prompts/clip/a.png"]}]))
+    args = ["predict", "-c", generate_yaml(repo_root, tmp_path), "-c", str(repo_root / "configs/data" / name)]
+    args += ["--model.init_args.model_overrides", '{"n_embd": 32, "n_layer": 1, "n_head": 2, "block_size": 160}']
+    args += ["--data.init_args.image_size", "16", "--trainer.accelerator", "cpu", "--trainer.logger", "false"]
+    run = cli(args)
+    assert [len(p.images) for p in run.datamodule.prompts] == ([1] if name == "prompts_file.yaml" else [2])
+    assert len(list(Path("generated").glob("*.png"))) == 1
