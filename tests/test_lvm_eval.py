@@ -127,16 +127,23 @@ def test_context_study_evaluates_exactly_the_frames_asked():
     torch.testing.assert_close(study[:, 0], torch.full((4,), (wrong + 3 * right) / 4))
 
 
-def test_greedy_next_image_matches_a_loop_without_cache():
-    model = tiny_llama(seed=3)
-    prompt = LAYOUT.sentence(torch.randint(0, 32, (2, 4)))[:-1]  # [BOS] img img
-    cached = ev.greedy_next_image(model, prompt, LAYOUT)
-    ids = prompt.clone()
-    with torch.no_grad():
-        for _ in range(4):
-            ids = torch.cat([ids, model(ids[None])[0, -1, :32].argmax()[None]])
-    assert cached.tolist() == ids[-4:].tolist()
-    assert not model.has_kv_cache
+def test_next_frame_prediction_is_the_greedy_generation_decoded():
+    from lvm_pl.lvm.generation import GenerationSettings, generate_no_cache
+
+    layout = TokenLayout(codebook_size=32, tokens_per_image=4)
+    torch.manual_seed(3)
+    model = LLaMA(LVMConfig.from_name("tiny", **SMALL, vocab_size=layout.vocab_size, init_std=0.5)).eval()
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    tokenizer = FakeTokenizer()
+    quality = ev.next_frame_quality(model, tokenizer, images, layout)
+    codes = tokenizer.encode(images).flatten(1)  # [3, 4]
+    greedy = generate_no_cache(model, codes[None, :2], 1, layout, GenerationSettings(temperature=0.0))
+    psnr, ssim = ev.image_quality(tokenizer.decode(greedy.view(1, 2, 2)), images[-1:])
+    assert quality["predicted_psnr"] == pytest.approx(float(psnr[0])) and quality["predicted_ssim"] == pytest.approx(
+        float(ssim[0])
+    )
+    psnr, _ = ev.image_quality(images[1:2], images[2:])
+    assert quality["copy_last_psnr"] == pytest.approx(float(psnr[0]))
 
 
 def test_context_table_files(tmp_path):

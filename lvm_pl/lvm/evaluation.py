@@ -13,9 +13,10 @@ The context-length study: for every sequence of at least K+1 frames, the target 
 frame) and the context of length k = 1..K is frames K-k .. K-1 (the k frames right before it); each row is
 `[BOS] f_{K-k} .. f_{K-1} f_K`, positions from 0, so only the number of context frames changes, never the target.
 
-Next-frame quality: greedy decoding of the last image of sequences and analogies given the rest, decoded by the
-tokenizer and compared with the true image (PSNR, SSIM), next to copying the last context frame (sequences; for
-analogies that frame is the query) and the tokenizer's own reconstruction of the truth (the ceiling).
+Next-frame quality: greedy decoding (`generation.generate`, temperature 0) of the last image of sequences and
+analogies given the rest, decoded by the tokenizer and compared with the true image (PSNR, SSIM), next to copying the
+last context frame (sequences; for analogies that frame is the query) and the tokenizer's own reconstruction of the
+truth (the ceiling).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 
 from lvm_pl import atomic, shards
 from lvm_pl.console import UserError, say
+from lvm_pl.lvm.generation import GenerationSettings, generate
 from lvm_pl.tokens import TokenLayout
 
 KIND_ORDER = ("sequence", "analogy", "category", "single")
@@ -120,22 +122,6 @@ def context_length_nll(
     return torch.stack(out).cpu() if out else torch.zeros(0, 2)
 
 
-@torch.no_grad()
-def greedy_next_image(model: nn.Module, prompt: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Greedy codebook ids [tokens_per_image] of the image after `prompt` [L], with the model's static KV cache."""
-    length = len(prompt) + layout.tokens_per_image - 1
-    model.setup_kv_cache(batch_size=1, max_seq_length=length, device=prompt.device)
-    try:
-        logits = model(prompt[None], input_pos=torch.arange(len(prompt), device=prompt.device))[0, -1]
-        out = [logits[: layout.codebook_size].argmax()]  # only codebook ids may follow inside an image
-        for pos in range(len(prompt), length):
-            logits = model(out[-1].view(1, 1), input_pos=torch.tensor([pos], device=prompt.device))[0, -1]
-            out.append(logits[: layout.codebook_size].argmax())
-    finally:
-        model.clear_kv_cache()
-    return torch.stack(out)
-
-
 def image_quality(pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PSNR (dB) and SSIM [B] of images [B, 3, H, W] in [-1, 1] (data range 2)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -151,8 +137,8 @@ def next_frame_quality(model: nn.Module, tokenizer: nn.Module, images: torch.Ten
     """Greedy prediction of the last of `images` [N, 3, H, W] (N >= 2) from the others, decoded, against the truth:
     PSNR/SSIM of the prediction, of copying image N-1 (the last frame, or an analogy's query), of the reconstruction."""
     codes = tokenizer.encode(images)  # [N, h, w]
-    prompt = layout.sentence(codes[:-1])[: layout.sentence_length(len(images) - 1) - 1]  # [BOS] img_1..img_{N-1}
-    predicted = greedy_next_image(model, prompt, layout).view(1, *codes.shape[1:])
+    prompt = codes[None, :-1].flatten(2)  # [1, N-1, tokens_per_image]
+    predicted = generate(model, prompt, 1, layout, GenerationSettings(temperature=0.0)).view(1, *codes.shape[1:])
     truth = images[-1:]
     candidates = {
         "predicted": tokenizer.decode(predicted),
@@ -367,9 +353,6 @@ class TestEvaluation:
         if span.num_images < 2:
             return
         images = batch["images"][span.row, : span.num_images]  # [N, 3, H, W]
-        if span.num_images * self.layout.tokens_per_image > model.config.block_size:
-            self.notes.add("next-frame quality: sentences longer than the model's block_size are skipped")
-            return
         quality = next_frame_quality(model, tokenizer, images, self.layout)
         self.next_frame.append({"kind": kind, "index": index, **quality})
 
