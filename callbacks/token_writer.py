@@ -109,6 +109,8 @@ class TokenWriter(BasePredictionWriter):
         self._pending: dict[str, list] = {"sentences": [], "num_images": [], "kinds": [], "indices": []}
         self._pending_tokens = 0
         self._meta: dict = {}
+        self._manifest_extra: dict = {}
+        self._written_by: dict[Path, str | None] = {}
         self._images = 0
         self._start = 0.0
 
@@ -128,11 +130,6 @@ class TokenWriter(BasePredictionWriter):
         self.layout = TokenLayout.for_images(
             int(pl_module.codebook_size), int(image_size), int(pl_module.downsample_factor), **self.layout_options
         )
-        checkpoint = trainer.ckpt_path or getattr(pl_module, "checkpoint", None)
-        digest = shards.sha256_file(checkpoint) if trainer.is_global_zero and checkpoint else None
-        digest = trainer.strategy.broadcast(digest, src=0)
-        if checkpoint is None:
-            warn("token writer: no tokenizer checkpoint (--ckpt_path); the manifest records none")
         self._meta = {
             "format": shards.FORMAT,
             "version": shards.VERSION,
@@ -141,7 +138,7 @@ class TokenWriter(BasePredictionWriter):
             "world_size": trainer.world_size,
             "layout": self.layout.to_dict(),
             "dtype": self.layout.storage_dtype.name,
-            "tokenizer_sha256": digest,
+            "tokenizer_sha256": None,  # known once Lightning has restored the checkpoint (on_predict_start)
         }
         self._manifest_extra = {
             "split": self.split,
@@ -149,8 +146,10 @@ class TokenWriter(BasePredictionWriter):
             "dtype": self.layout.storage_dtype.name,
             "image_size": int(image_size),
             "world_size": trainer.world_size,
-            "tokenizer": {"checkpoint": str(checkpoint) if checkpoint else None, "sha256": digest},
         }
+        self._done, self._seq, self._written_by = set(), 0, {}
+        self._pending = {key: [] for key in self._pending}
+        self._pending_tokens = 0
         self._lock = RunLock(self.output_dir / f".lock-{self.split}-r{trainer.global_rank:05d}")
         self._lock.acquire()
         self._resume(trainer)
@@ -174,7 +173,8 @@ class TokenWriter(BasePredictionWriter):
             idx = shards.read_shard_index(path)
             if not path.name.startswith(shards.shard_name(self.split, rank, seq)):
                 raise UserError(f"{path}: shard sequence has a gap before it; use a new output_dir")
-            for key in ("world_size", "layout", "dtype", "tokenizer_sha256"):
+            self._written_by[path] = idx.meta.get("tokenizer_sha256")
+            for key in ("world_size", "layout", "dtype"):
                 if idx.meta.get(key) != self._meta[key]:
                     raise UserError(
                         f"{path}: was written with {key}={idx.meta.get(key)} but this run has {self._meta[key]};"
@@ -189,6 +189,19 @@ class TokenWriter(BasePredictionWriter):
             say(f"token writer: rank {rank} resumes after {self._seq} shards ({len(self._done)} sentences)")
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        checkpoint = trainer.ckpt_path or getattr(pl_module, "checkpoint", None)
+        if checkpoint is None:
+            warn("token writer: no tokenizer checkpoint (--ckpt_path); the manifest records none")
+        digest = shards.sha256_file(checkpoint) if trainer.is_global_zero and checkpoint else None
+        digest = trainer.strategy.broadcast(digest, src=0)
+        for path, written_by in self._written_by.items():
+            if written_by != digest:
+                raise UserError(
+                    f"{path}: was written with tokenizer_sha256={written_by} but this run's tokenizer"
+                    f" ({checkpoint}) has {digest}; use a new output_dir"
+                )
+        self._meta["tokenizer_sha256"] = digest
+        self._manifest_extra["tokenizer"] = {"checkpoint": str(checkpoint) if checkpoint else None, "sha256": digest}
         self._start = time.perf_counter()
         self._images = 0
 

@@ -142,6 +142,17 @@ def test_tokenize_shards_windows_reproduce_encode(tmp_path):
     assert not list((tmp_path / "out").glob(".lock*")), "the lock is released at the end"
 
 
+def test_manifest_records_the_ckpt_path_checkpoint(tmp_path):
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(FakeTokenizer())
+    trainer.save_checkpoint(tmp_path / "tok.ckpt")
+    writer = TokenWriter(str(tmp_path / "out"), num_special=4)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
+    trainer.predict(FakeTokenizer(), FakeSentenceData(), ckpt_path=tmp_path / "tok.ckpt", return_predictions=False)
+    tokenizer = shards.load_manifest(tmp_path / "out").data["tokenizer"]
+    assert tokenizer == {"checkpoint": str(tmp_path / "tok.ckpt"), "sha256": shards.sha256_file(tmp_path / "tok.ckpt")}
+
+
 def test_interrupted_run_resumes_to_identical_shards(tmp_path):
     _tokenize(tmp_path / "ref")
     with pytest.raises(RuntimeError, match="simulated crash"):
