@@ -70,11 +70,11 @@ def row(fig: dict[str, Any]) -> dict[str, Any]:
     fig = {**figure(fig["name"], fig["unit"], fig.get("ours")), **fig}  # optional keys filled in
     ours, ref = fig["ours"], fig["reference"]
     ratio = ours / ref if ours is not None and ref else None
-    met = None
-    if fig["aim_ratio"] is not None:
+    met = None  # no aim, or our side not measured (yet)
+    if ours is not None and fig["aim_ratio"] is not None:
         met = ratio is not None and ratio >= fig["aim_ratio"]
-    elif fig["aim_min"] is not None:
-        met = ours is not None and ours >= fig["aim_min"]
+    elif ours is not None and fig["aim_min"] is not None:
+        met = ours >= fig["aim_min"]
     return {**fig, "ratio": ratio, "met": met}
 
 

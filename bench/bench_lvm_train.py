@@ -4,11 +4,12 @@ python -m bench.bench_lvm_train [--quick] [--preset tiny] [--contexts 512 1024 2
 
 Both models train side by side in one process, steps alternating, so machine noise cancels in the ratio. A step is
 forward, the same cross-entropy on the logits, backward, AdamW. MFU = FLOPs per step (measured with Lightning's
-`measure_flops` on a meta-device twin; equals 6N + 12·layers·T·C per token) / the peak square-GEMM rate measured in
-this run (fp32 on CPU, bf16 on GPU). Our model is timed twice: plain causal (the same work as the reference) and
-with `doc_ids` (the packed-window mask the LVM module always passes in training). The scaling part times both at
-each context length, batch 1, and measures peak memory of our model's training step in a fresh process per length
-(CUDA: max allocated; CPU: peak RSS growth). Results go to bench/results/bench_lvm_train.json.
+`measure_flops` on a meta-device twin; equals 6N + 12·layers·T·C per token) / the rate of a square GEMM timed in the
+same alternation as the steps (fp32 on CPU, bf16 on GPU), so both see the same machine load. Our model is timed
+twice: plain causal (the same work as the reference) and with `doc_ids` (the packed-window mask the LVM module always
+passes in training). The scaling part times both at each context length, batch 1, and measures peak memory of our
+model's training step in a fresh process per length (CUDA: max allocated; CPU: peak RSS growth).
+Results go to bench/results/bench_lvm_train.json.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 
-from bench.common import alternate, figure, median, peak_gemm_flops, write_results
+from bench.common import alternate, figure, gemm, median, write_results
 from lvm_pl.console import say
 from lvm_pl.interop.hf_llama import hf_config, to_hf_name
 from lvm_pl.lvm.config import LVMConfig
@@ -107,13 +108,22 @@ def models_and_batch(
 
 
 def compare(
-    config: LVMConfig, batch_size: int, seq_len: int, device: str, precision: str, repeats: int, with_docs: bool
+    config: LVMConfig,
+    batch_size: int,
+    seq_len: int,
+    device: str,
+    precision: str,
+    repeats: int,
+    with_docs: bool,
+    peak: tuple[Callable[[], Any], float],
 ) -> dict[str, float]:
-    """Median seconds per training step of ours (causal; and with doc_ids if asked) and the reference, alternating."""
+    """Median seconds per training step of ours (causal; and with doc_ids if asked) and the reference, and of the
+    `peak` GEMM closure (its FLOPs alongside), all alternating, so the MFU denominator sees the same machine load."""
     ours, theirs, batch = models_and_batch(config, batch_size, seq_len, device)
     steps = {
         "ours": make_step(lambda idx: ours(idx), ours, batch, precision),
         "reference": make_step(lambda idx: theirs(input_ids=idx).logits, theirs, batch, precision),
+        "gemm": peak[0],
     }
     if with_docs:
         twin = LLaMA(config).to(device).train()
@@ -182,20 +192,21 @@ def main() -> None:
     precision = args.precision or ("bf16-mixed" if on_gpu else "32")
     overrides = QUICK_OVERRIDES if args.quick else {}
     if args.quick:
-        args.batch_size, args.seq_len, args.contexts, args.repeats = 2, 64, [64, 128], 3
+        args.batch_size, args.seq_len, args.contexts, args.repeats = 2, 64, [128], 3
     config = LVMConfig.from_name(args.preset, **{**overrides, "block_size": max(args.seq_len, *args.contexts)})
 
     gemm_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     gemm_size = args.gemm_size or (512 if args.quick else 8192 if on_gpu else 2048)
-    peak = peak_gemm_flops(args.device, gemm_dtype, gemm_size)
-    say(f"peak {gemm_dtype} GEMM ({gemm_size}^2): {peak / 1e9:.1f} GFLOP/s")
+    square = gemm(args.device, gemm_dtype, gemm_size)
 
     flops = flops_per_step(config, args.batch_size, args.seq_len)
     formula = formula_flops_per_token(config, args.seq_len) * args.batch_size * args.seq_len
     if abs(flops - formula) > 1e-6 * formula:
         raise RuntimeError(f"measured FLOPs {flops:.4g} disagree with 6N + attention {formula:.4g}")
     tokens = args.batch_size * args.seq_len
-    seconds = compare(config, args.batch_size, args.seq_len, args.device, precision, args.repeats, with_docs=True)
+    seconds = compare(config, args.batch_size, args.seq_len, args.device, precision, args.repeats, True, square)
+    peak = square[1] / seconds.pop("gemm")
+    say(f"peak {gemm_dtype} GEMM ({gemm_size}^2, beside the steps): {peak / 1e9:.1f} GFLOP/s")
     rate = {name: tokens / s for name, s in seconds.items()}
     mfu = {name: flops / s / peak for name, s in seconds.items()}
     for name in seconds:
@@ -203,13 +214,14 @@ def main() -> None:
 
     scaling = []
     for ctx_len in args.contexts:
-        s = compare(config, 1, ctx_len, args.device, precision, args.repeats, with_docs=False)
+        s = compare(config, 1, ctx_len, args.device, precision, args.repeats, False, square)
         mem = peak_memory(config, ctx_len, args.device, precision)
         row = {
             "context": ctx_len,
             "ours_tokens_per_s": ctx_len / s["ours"],
             "reference_tokens_per_s": ctx_len / s["reference"],
-            "ours_mfu": flops_per_step(config, 1, ctx_len) / s["ours"] / peak,
+            "ours_mfu": flops_per_step(config, 1, ctx_len) / s["ours"] / (square[1] / s["gemm"]),
+            "peak_gemm_flops": square[1] / s["gemm"],
             "ours_peak_memory_mib": mem / 2**20,
         }
         scaling.append(row)
@@ -218,7 +230,8 @@ def main() -> None:
             f" {row['reference_tokens_per_s']:.0f}, peak step memory {row['ours_peak_memory_mib']:.0f} MiB"
         )
 
-    size = f"{args.preset}{' (shrunk)' if overrides else ''}, B={args.batch_size}, T={args.seq_len}, {precision}"
+    shown = "fp32" if precision == "32" else precision
+    size = f"{args.preset}{' (shrunk)' if overrides else ''}, B={args.batch_size}, T={args.seq_len}, {shown}"
     figures = [
         figure(f"LVM train tokens/s ({size})", "tokens/s", rate["ours"], rate["reference"], REFERENCE, aim_ratio=1.0),
         figure(

@@ -1,5 +1,6 @@
-"""Shared benchmark helpers: timing (warmup, repeats, median), side-by-side alternation, the peak GEMM rate measured
-in the same run, the machine/date/versions header, and the common results schema every `bench_*.py` writes.
+"""Shared benchmark helpers: timing (warmup, repeats, median), side-by-side alternation, a square GEMM to time
+beside the work (the measured peak rate MFU divides by), the machine/date/versions header, and the common results
+schema every `bench_*.py` writes.
 
 Results schema (one JSON per script, `bench/results/<script>.json`): `{"header": {...}, "figures": [figure, ...],
 "details": {...}}`, where a figure is the dict `figure()` builds (`name`, `unit`, `ours` required; the rest optional);
@@ -64,12 +65,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def peak_gemm_flops(device: torch.device | str, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    """Measured FLOP/s of a square `size` matmul in `dtype` on `device`: the denominator of MFU in this run."""
+def gemm(device: torch.device | str, dtype: torch.dtype, size: int) -> tuple[Callable[[], Any], float]:
+    """A square `size` matmul closure in `dtype` on `device`, and its FLOPs: time it beside the work it normalizes."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = median(alternate({"gemm": lambda: a @ b}, warmup=2, repeats=repeats, device=device)["gemm"])
-    return 2 * size**3 / seconds
+    return (lambda: a @ b), 2.0 * size**3
 
 
 def figure(
