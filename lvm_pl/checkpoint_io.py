@@ -8,6 +8,8 @@ one is complete.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from typing import Any
 
 import torch
@@ -16,10 +18,21 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
 from lvm_pl.atomic import atomic_path
+from lvm_pl.console import UserError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` that writes local checkpoints with temp file + fsync + rename (remote paths: Lightning's)."""
+    """`TorchCheckpointIO` that writes local checkpoints with temp file + fsync + rename (remote paths: Lightning's);
+    a missing or unreadable `--ckpt_path` is a `UserError` naming it."""
+
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise UserError(f"ckpt_path={path}: no such checkpoint file") from None
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"ckpt_path={path}: not a readable checkpoint ({detail})") from None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
