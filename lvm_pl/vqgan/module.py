@@ -1,0 +1,220 @@
+"""The VQGAN LightningModule: fit (one optimizer, two parameter groups), validate/test metrics, predict -> tokens."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lvm_pl.atomic import write_json
+from lvm_pl.console import UserError, say
+from lvm_pl.images import grid, to_uint8
+from lvm_pl.metrics import psnr, ssim
+from lvm_pl.vqgan.autoencoder import Autoencoder
+from lvm_pl.vqgan.losses import VQGANLoss
+from lvm_pl.vqgan.quantizers import Quantizer
+
+
+class VQGAN(LightningModule):
+    """Autoencoder + quantizer + loss. Images are [B, 3, H, W] in [-1, 1]; tokens are LongTensor [B, H/f, W/f]."""
+
+    def __init__(
+        self,
+        autoencoder: Autoencoder,
+        quantizer: Quantizer,
+        loss: VQGANLoss,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.5, 0.9),
+        disc_lr: float | None = None,
+        disc_betas: tuple[float, float] | None = None,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float | None = None,
+        image_log_every_n_steps: int = 500,
+        num_logged_images: int = 8,
+    ):
+        """`disc_lr`/`disc_betas` default to the autoencoder's; `ema_decay` keeps an EMA copy of the autoencoder
+        that validation, test, predict and export use."""
+        super().__init__()
+        self.save_hyperparameters()
+        if autoencoder.embed_dim != quantizer.embed_dim:
+            raise UserError(
+                f"model.init_args.quantizer.init_args.embed_dim={quantizer.embed_dim} must equal the autoencoder's "
+                f"embed_dim={autoencoder.embed_dim}"
+            )
+        self.autoencoder = autoencoder
+        self.quantizer = quantizer
+        self.loss = loss
+        self.ema = copy.deepcopy(autoencoder).requires_grad_(False) if ema_decay else None
+        self._eval_counts: torch.Tensor | None = None
+        self._test_sums: dict[str, torch.Tensor] = {}
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of distinct token ids (0..K-1)."""
+        return self.quantizer.codebook_size
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per token along each side."""
+        return self.autoencoder.downsample_factor
+
+    def _eval_autoencoder(self) -> Autoencoder:
+        return self.ema if self.ema is not None and not self.training else self.autoencoder
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> LongTensor [B, H/f, W/f]."""
+        return self.quantizer(self._eval_autoencoder().encode(images)).indices
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """LongTensor [B, h, w] -> images [B, 3, h*f, w*f] in [-1, 1]."""
+        ae = self._eval_autoencoder()
+        quantized = self.quantizer.embed(indices).to(ae.post_quant_conv.weight.dtype)
+        return ae.decode(quantized).clamp(-1, 1)
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """images -> decode(encode(images))."""
+        return self.decode(self.encode(images))
+
+    def _forward(self, images: torch.Tensor, ae: Autoencoder):
+        out = self.quantizer(ae.encode(images))
+        return ae.decode(out.quantized), out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        recon, q = self._forward(images, self.autoencoder)
+        total, logs = self.loss(images, recon, q.loss, self.autoencoder.last_layer, self.global_step)
+        self.quantizer.record(q.counts)
+        logs |= self.quantizer.usage_stats()
+        self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        for i, group in enumerate(self.trainer.optimizers[0].param_groups if self._trainer else []):
+            self.log(f"lr/{('autoencoder', 'discriminator')[i]}", group["lr"])
+        if self.global_step % self.hparams.image_log_every_n_steps == 0:
+            self._log_grid("train/reconstructions", images, recon)
+        return total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.autoencoder.parameters(), strict=True):
+                    e.lerp_(p.detach(), 1 - self.hparams.ema_decay)
+                for e, b in zip(self.ema.buffers(), self.autoencoder.buffers(), strict=True):
+                    e.copy_(b)
+
+    def _evaluate(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = batch["image"]
+        recon, q = self._forward(images, self._eval_autoencoder())
+        recon = recon.clamp(-1, 1)
+        counts = q.counts.float()
+        self._eval_counts = counts if self._eval_counts is None else self._eval_counts + counts
+        return images, recon, q.indices
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_counts = None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images, recon, _ = self._evaluate(batch)
+        n = images.shape[0]
+        self.log("val/psnr", psnr(recon, images).mean(), prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/ssim", ssim(recon, images).mean(), batch_size=n, sync_dist=True)
+        self.log("val/rec", (recon - images).abs().mean(), batch_size=n, sync_dist=True)
+        if batch_idx == 0:
+            self._log_grid("val/reconstructions", images, recon)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._eval_counts is None:
+            return
+        counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
+        stats = self.quantizer.usage_stats(counts)
+        self.log_dict({f"val/{k}": v for k, v in stats.items()}, prog_bar=True)
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.experiment.add_histogram("val/code_counts", counts.cpu(), self.global_step)
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate", "test") and self.loss.perceptual is not None:
+            self.loss.perceptual.load_backbone()
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_counts = None
+        self._test_sums = {}
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        images, recon, _ = self._evaluate(batch)
+        values = {"psnr": psnr(recon, images), "ssim": ssim(recon, images)}
+        lp = self.loss.perceptual_distance(images, recon) if self._lpips_pretrained() else None
+        if lp is not None:
+            values["lpips"] = lp
+        for k, v in values.items():
+            self._test_sums[k] = self._test_sums.get(k, 0.0) + v.double().sum()
+        self._test_sums["count"] = self._test_sums.get("count", 0.0) + torch.tensor(
+            float(images.shape[0]), device=images.device, dtype=torch.float64
+        )
+
+    def _lpips_pretrained(self) -> bool:
+        return self.loss.perceptual is not None and self.loss.perceptual.pretrained
+
+    def on_test_epoch_end(self) -> None:
+        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._test_sums.items()}
+        count = float(sums.pop("count", torch.tensor(0.0)))
+        results: dict[str, object] = {k: float(v) / max(count, 1.0) for k, v in sums.items()}
+        counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
+        results |= {k: float(v) for k, v in self.quantizer.usage_stats(counts).items()}
+        results["images"] = int(count)
+        notes = []
+        if "lpips" not in results:
+            notes.append("lpips skipped: needs the pretrained VGG16 backbone (perceptual pretrained: true)")
+        notes.append("rfid skipped: torchmetrics FID needs torch-fidelity's Inception weights, not available offline")
+        results["notes"] = notes
+        self.log_dict({f"test/{k}": float(v) for k, v in results.items() if isinstance(v, float)})
+        if self.trainer.is_global_zero:
+            out = Path(self.trainer.log_dir or ".") / "test_results.json"
+            write_json(out, results)
+            say(f"test results: {out}")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Sentence batch -> {"tokens": LongTensor[B, N, h, w], "num_images", "kind", "index"}; padding images get 0."""
+        images, num = batch["images"], batch["num_images"]
+        b, n, _, h, w = images.shape
+        f = self.downsample_factor
+        real = torch.arange(n, device=images.device)[None] < num.to(images.device)[:, None]  # [B, N]
+        tokens = torch.zeros(b, n, h // f, w // f, dtype=torch.long, device=images.device)
+        tokens[real] = self.encode(images[real])  # all real images of the batch in one call
+        return {"tokens": tokens, "num_images": num, "kind": batch["kind"], "index": batch["index"]}
+
+    def _log_grid(self, tag: str, images: torch.Tensor, recon: torch.Tensor) -> None:
+        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return
+        k = self.hparams.num_logged_images
+        rows = [list(to_uint8(images[:k])), list(to_uint8(recon[:k]))]  # inputs above, reconstructions below
+        self.logger.experiment.add_image(tag, grid(rows), self.global_step, dataformats="HWC")
+
+    def configure_optimizers(self):
+        """AdamW with two groups (autoencoder + quantizer, discriminator); warmup then cosine to min_lr_ratio."""
+        hp = self.hparams
+        ae_params = [p for m in (self.autoencoder, self.quantizer) for p in m.parameters() if p.requires_grad]
+        groups = [
+            {"params": ae_params, "lr": hp.lr, "betas": tuple(hp.betas)},
+            {
+                "params": [p for p in self.loss.discriminator.parameters() if p.requires_grad],
+                "lr": hp.disc_lr or hp.lr,
+                "betas": tuple(hp.disc_betas or hp.betas),
+            },
+        ]
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
