@@ -83,7 +83,8 @@ class RandomSentenceData(LightningDataModule):
         self.count, self.image_size, self.batch_size = count, size, batch_size
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(RandomSentences(self.count, self.image_size), batch_size=self.batch_size, num_workers=4)
+        workers = 4 if torch.cuda.is_available() else 1  # on CPU, workers compete with encode for the same cores
+        return DataLoader(RandomSentences(self.count, self.image_size), batch_size=self.batch_size, num_workers=workers)
 
 
 def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int, size: int = 256) -> dict:
@@ -103,17 +104,18 @@ def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int, si
         sync()
     encode_ips = steps * batch_size / (time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
+        writer = TokenWriter(tmp, split="train")
         trainer = Trainer(
             accelerator="gpu" if device.startswith("cuda") else "cpu",
             devices=1,
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[TokenWriter(tmp, split="train")],
+            callbacks=[writer],
         )
-        start = time.perf_counter()
-        trainer.predict(model, RandomSentenceData(steps * batch_size, size, batch_size), return_predictions=False)
-        pipeline_ips = steps * batch_size / (time.perf_counter() - start)
+        data = RandomSentenceData(steps * batch_size, size, batch_size)
+        trainer.predict(model, data, ckpt_path=checkpoint, return_predictions=False)  # as tokenize.yaml runs it
+        pipeline_ips = writer.images_per_s  # since predict started: Trainer setup and checkpoint restore excluded
     return {
         "encode_images_per_s": encode_ips,
         "pipeline_images_per_s": pipeline_ips,
@@ -131,6 +133,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in the main process)")
     parser.add_argument("--vqgan", default=None, help="VQGAN checkpoint for the tokenize benchmark")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-size", type=int, default=256, help="tokenize benchmark image side (pixels)")
+    parser.add_argument("--images", type=int, default=None, help="tokenize benchmark images (64 quick, 2048 full)")
     args = parser.parse_args()
     results = {
         "loader": bench_loader(
@@ -148,8 +152,8 @@ def main() -> None:
         }
     ]
     if args.vqgan:
-        count = 64 if args.quick else 2048
-        results["tokenize"] = bench_tokenize(args.vqgan, args.device, count=count, batch_size=32)
+        count = args.images or (64 if args.quick else 2048)
+        results["tokenize"] = bench_tokenize(args.vqgan, args.device, count=count, batch_size=32, size=args.image_size)
         t = results["tokenize"]
         say(
             f"tokenize: encode {t['encode_images_per_s']:.1f} images/s, pipeline {t['pipeline_images_per_s']:.1f}"

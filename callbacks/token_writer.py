@@ -113,6 +113,7 @@ class TokenWriter(BasePredictionWriter):
         self._written_by: dict[Path, str | None] = {}
         self._images = 0
         self._start = 0.0
+        self.images_per_s = 0.0  # this rank's images/s since predict started (the progress bar's figure)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -260,10 +261,10 @@ class TokenWriter(BasePredictionWriter):
         self._pending_tokens = 0
 
     def _show_speed(self, trainer: Trainer) -> None:
+        self.images_per_s = self._images / max(time.perf_counter() - self._start, 1e-9)
         bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)
-        elapsed = time.perf_counter() - self._start
-        if bar is not None and elapsed > 0:
-            bar.set_postfix({"images/s": f"{self._images / elapsed:.1f}"}, refresh=False)
+        if bar is not None:
+            bar.set_postfix({"images/s": f"{self.images_per_s:.1f}"}, refresh=False)
 
     def _release(self) -> None:
         if self._lock is not None:

@@ -331,3 +331,44 @@ def test_tokenize_config_composes_with_a_sentence_data_config(tmp_path, repo_roo
     cli(["predict", *args, "--trainer.callbacks.init_args.output_dir", str(out)])
     m = shards.load_manifest(out)
     assert m.data["counts"]["sentences"] == 5 and m.data["image_size"] == 16 and m.layout.tokens_per_image == 16
+
+
+def test_vqgan_tokenize_end_to_end_reproduces_encode(tmp_path, repo_root):
+    """images -> `main.py predict` with the shipped configs and a VQGAN checkpoint -> shards -> windows == encode."""
+    from lvm_pl.vqgan import load_tokenizer
+    from main import cli
+
+    configs = repo_root / "configs"
+    base = ["-c", str(configs / "vqgan" / "tiny.yaml"), "-c", str(configs / "data" / "builtin.yaml")]
+    small = ["--data.init_args.source.init_args.splits", "{train: 2, val: 3, test: 0}"]
+    small += ["--data.init_args.num_workers", "0", "--data.init_args.max_images", "3"]
+    built = cli([*base, *small, "--trainer.logger", "false"], run=False)
+    model, data = built.model, built.datamodule  # random weights: any token map will do
+    trainer = Trainer(accelerator="cpu", logger=False)
+    trainer.strategy.connect(model)
+    ckpt = tmp_path / "vqgan.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    out = tmp_path / "tokens" / "val"
+    split = ["--data.init_args.predict_split", "val", "--trainer.callbacks.init_args.split", "val"]
+    args = ["predict", *base, "-c", str(configs / "tokenize.yaml"), *small, *split]
+    cli([*args, "--trainer.callbacks.init_args.output_dir", str(out), "--ckpt_path", str(ckpt)])
+
+    tokenizer = load_tokenizer(ckpt)
+    manifest = shards.load_manifest(out)
+    layout = manifest.layout
+    assert layout == TokenLayout.for_images(tokenizer.codebook_size, 64, tokenizer.downsample_factor)
+    assert manifest.data["tokenizer"]["sha256"] == shards.sha256_file(ckpt)
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                layout.sentence(tokenizer.encode(torch.stack([to_tensor(x) for x in data.sentence("val", i).images])))
+                for i in range(3)
+            ]
+        )
+    dm = TokenDataModule(val=str(out), seq_len=64, batch_size=4, eval_windows="stream")
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    labels = torch.cat([b["labels"] for b in batches]).flatten()
+    assert torch.equal(labels[labels != -100], expected[1:])
+    assert torch.equal(batches[0]["input_ids"][0], expected[:64])
