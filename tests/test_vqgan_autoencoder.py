@@ -1,0 +1,74 @@
+"""The autoencoder against diffusers' VQModel: same keys (but the codebook), same outputs, same parameter count."""
+
+import pytest
+import torch
+import yaml
+from diffusers import VQModel
+
+from lvm_pl.vqgan.autoencoder import Autoencoder
+from lvm_pl.vqgan.quantizers import VectorQuantizer
+
+
+def _pair(channels, layers, latent, codes, groups, mid_attention, attention_levels=()):
+    levels = len(channels)
+    down = ["AttnDownEncoderBlock2D" if i in attention_levels else "DownEncoderBlock2D" for i in range(levels)]
+    up = ["AttnUpDecoderBlock2D" if levels - 1 - i in attention_levels else "UpDecoderBlock2D" for i in range(levels)]
+    ref = VQModel(
+        block_out_channels=channels,
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=layers,
+        latent_channels=latent,
+        num_vq_embeddings=codes,
+        norm_num_groups=groups,
+        mid_block_add_attention=mid_attention,
+    )
+    ours = Autoencoder(channels, layers, latent, None, groups, list(attention_levels), mid_attention)
+    return ref, ours, VectorQuantizer(codes, latent)
+
+
+def _load_from_diffusers(ref, ours, quantizer):
+    state = ref.state_dict()
+    quantizer.embedding.weight.data.copy_(state.pop("quantize.embedding.weight"))
+    ours.load_state_dict(state)  # strict: every other key has the same name and shape
+
+
+@pytest.mark.parametrize("mid_attention,attention_levels", [(False, ()), (True, (2,))])
+def test_matches_diffusers_vqmodel(mid_attention, attention_levels):
+    torch.manual_seed(0)
+    ref, ours, quantizer = _pair([16, 32, 32], 1, 8, 64, 8, mid_attention, attention_levels)
+    _load_from_diffusers(ref, ours, quantizer)
+    ref.eval(), ours.eval(), quantizer.eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z_ref = ref.encode(x).latents
+        z = ours.encode(x)
+        assert z.shape == (2, 8, 8, 8) and ours.downsample_factor == 4
+        torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+        _, _, (_, _, ref_idx) = ref.quantize(z_ref)
+        out = quantizer(z)
+        assert torch.equal(out.indices.flatten(), ref_idx.flatten())
+        img_ref = ref.decode(z_ref).sample
+        torch.testing.assert_close(ours.decode(out.quantized), img_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_muse_config_parameter_count(repo_root):
+    cfg = yaml.safe_load((repo_root / "configs/vqgan/muse_f16_8192.yaml").read_text())["model"]["init_args"]
+    ae, q = cfg["autoencoder"]["init_args"], cfg["quantizer"]["init_args"]
+    ref = VQModel(
+        block_out_channels=ae["block_out_channels"],
+        down_block_types=["DownEncoderBlock2D"] * 5,
+        up_block_types=["UpDecoderBlock2D"] * 5,
+        layers_per_block=ae["layers_per_block"],
+        latent_channels=ae["latent_channels"],
+        num_vq_embeddings=q["codebook_size"],
+        norm_num_groups=ae["norm_num_groups"],
+        mid_block_add_attention=ae["mid_attention"],
+    )
+    with torch.device("meta"):
+        ours = Autoencoder(**ae)
+        quantizer = VectorQuantizer(**q)
+    count = sum(p.numel() for p in ours.parameters()) + quantizer.embedding.weight.numel()
+    assert sum(p.numel() for p in ref.parameters()) == 146_244_675
+    assert count == 146_244_675
+    assert ours.downsample_factor == 16
