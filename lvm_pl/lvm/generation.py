@@ -116,7 +116,8 @@ def generate(
     window = window_frames(layout, model.config.block_size, settings.max_context_frames)
     frames = _crop_prompt(prompt, window)
     B, device = frames.shape[0], frames.device
-    _ensure_cache(model, B, int(layout.add_bos) + (window + 1) * tpi)
+    # the longest context this call reaches; sized to it, as each cached step attends over the whole cache
+    _ensure_cache(model, B, int(layout.add_bos) + min(window + 1, frames.shape[1] + num_frames) * tpi)
     step = compiled_decode_step(model) if settings.compile else decode_step
     draw = dict(
         codebook_size=layout.codebook_size,
