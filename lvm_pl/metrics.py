@@ -21,9 +21,10 @@ def _gaussian_window(sigma: float, truncate: float, device: torch.device) -> tor
 
 def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     """Structural similarity per image [B]: Gaussian window (sigma 1.5), population covariances, mean over channels
-    and over pixels at least one radius from the border (skimage's gaussian_weights=True, data_range=2)."""
-    x = x.double().clamp(-1, 1)
-    y = y.double().clamp(-1, 1)
+    and over pixels at least one radius from the border (skimage's gaussian_weights=True on [0, 1] images)."""
+    # on [0, 1]: SSIM's luminance term is not shift-invariant, and [0, 1] is the figure papers and skimage report
+    x = (x.double().clamp(-1, 1) + 1) / 2
+    y = (y.double().clamp(-1, 1) + 1) / 2
     c = x.shape[1]
     g = _gaussian_window(sigma, 3.5, x.device)
     kh = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
@@ -32,7 +33,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     def blur(t: torch.Tensor) -> torch.Tensor:  # separable, 'valid': equals scipy's filter cropped by the radius
         return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
 
-    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    c1, c2 = 0.01**2, 0.03**2
     mx, my = blur(x), blur(y)
     vx = blur(x * x) - mx * mx
     vy = blur(y * y) - my * my
