@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.imageio import fit_image
 from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence
@@ -58,6 +58,18 @@ def collate_sentences(items: list[dict]) -> dict:
     }
 
 
+class _PredictSampler(DistributedSampler):
+    """This rank's sentences as Lightning shards predict data (rank::world, in order), minus `skip`."""
+
+    def __init__(self, size: int, num_replicas: int, rank: int, skip: set[int]) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = [i for i in range(rank, size, num_replicas) if i not in skip]
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
 class VisualSentenceDataModule(LightningDataModule):
     """Visual sentences from `source`, resized (shorter side to `image_size`, then a centre or random crop).
 
@@ -91,6 +103,7 @@ class VisualSentenceDataModule(LightningDataModule):
         self.min_images, self.max_images = min_images, max_images
         self.batch_size, self.num_workers, self.seed, self.predict_split = batch_size, num_workers, seed, predict_split
         self._ready = False
+        self.predict_skip: set[int] = set()  # sentences a resumed tokenize run already wrote (set by TokenWriter)
 
     def setup(self, stage: str | None = None) -> None:
         """Prepare the source once and check every sentence is long enough."""
@@ -165,4 +178,15 @@ class VisualSentenceDataModule(LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split, shuffle=False)
+        if not self.predict_skip:
+            return self._loader(self.predict_split, shuffle=False)
+        # a resumed tokenize run: the TokenWriter has set the sentences its complete shards already hold
+        ds = self.dataset(self.predict_split)
+        sampler = _PredictSampler(len(ds), self.trainer.world_size, self.trainer.global_rank, self.predict_skip)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_sentences if self.unit == "sentence" else None,
+        )
