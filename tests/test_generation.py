@@ -208,3 +208,15 @@ def test_compiled_decode_step_generates_the_same_tokens():
     eager = generate(model, prompt, 2, LAYOUT, GenerationSettings(temperature=0))
     compiled = generate(model, prompt, 2, LAYOUT, GenerationSettings(temperature=0, compile=True))
     assert torch.equal(eager, compiled)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_step_and_bf16_cache_on_gpu():
+    model = tiny_model().cuda()
+    prompt = prompts(2, 2).cuda()
+    greedy = GenerationSettings(temperature=0)
+    eager = generate(model, prompt, 2, LAYOUT, greedy)
+    assert torch.equal(eager, generate(model, prompt, 2, LAYOUT, GenerationSettings(temperature=0, compile=True)))
+    half = tiny_model().cuda().to(torch.bfloat16)
+    out = generate(half, prompt, 2, LAYOUT, GenerationSettings(temperature=1.0, top_p=0.9), torch.Generator("cuda"))
+    assert out.shape == (2, 2, LAYOUT.tokens_per_image) and LAYOUT.is_codebook(out).all()

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from lvm_pl.console import UserError
-from lvm_pl.lvm.sampling import check_sampling, process_logits, sample, suppress_special, top_k_filter, top_p_filter
+from lvm_pl.lvm.sampling import check_sampling, process_logits, sample, top_k_filter, top_p_filter
 
 
 def kept(logits: torch.Tensor) -> set[int]:
     return set(torch.isfinite(logits).nonzero().flatten().tolist())
 
 
-def test_suppress_special_masks_every_id_past_the_codebook():
-    logits = torch.zeros(2, 12)
-    out = suppress_special(logits, codebook_size=8)
-    assert torch.isinf(out[:, 8:]).all() and torch.isfinite(out[:, :8]).all()
+def test_process_logits_keeps_only_codebook_ids_at_their_own_index():
+    logits = torch.arange(12.0).expand(2, 12)  # the specials 8..11 are the largest
+    out = process_logits(logits, codebook_size=8)
+    assert out.shape == (2, 8) and torch.equal(out, logits[:, :8])
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -48,7 +48,7 @@ def test_top_p_on_a_batch_filters_each_row_alone():
 def test_process_logits_order_special_then_temperature_then_top_k():
     logits = torch.tensor([[1.0, 2.0, 3.0, 9.0, 8.0]])  # ids 3, 4 are special in a codebook of 3
     out = process_logits(logits, codebook_size=3, temperature=2.0, top_k=2)
-    assert kept(out[0]) == {1, 2}
+    assert out.shape == (1, 3) and kept(out[0]) == {1, 2}
     torch.testing.assert_close(out[0, 1:3], torch.tensor([1.0, 1.5]))
 
 

@@ -1,7 +1,8 @@
 """Turning next-token logits into ids: special-id suppression, temperature, top-k, top-p, seeded draws.
 
-Inside a generated image every token must be a codebook entry, so ids `>= codebook_size` (BOS, EOS and the rest of
-the special block) are masked before anything else. `temperature == 0` is greedy (argmax).
+Inside a generated image every token must be a codebook entry. The codebook owns ids `0 .. codebook_size-1` and the
+special block (BOS, EOS, ...) follows it, so the logits are cut to their codebook prefix before anything else: index
+`i` of what remains is id `i`, and no special id can be drawn. `temperature == 0` is greedy (argmax).
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise UserError(f"generation.top_k={top_k}: must be >= 1, or null for no top-k")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"generation.top_p={top_p}: must be in (0, 1], or null for no top-p")
-
-
-def suppress_special(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """logits [..., V] with every non-codebook id (>= codebook_size) set to -inf."""
-    return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= codebook_size, float("-inf"))
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,8 +47,9 @@ def process_logits(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> torch.Tensor:
-    """Float32 logits [B, V] ready to sample: specials suppressed, divided by temperature, top-k then top-p."""
-    logits = suppress_special(logits.float(), codebook_size)
+    """Float32 logits [B, V] -> [B, codebook_size] ready to sample: codebook ids only (cut, not masked: cheaper per
+    step), divided by temperature, then top-k, then top-p."""
+    logits = logits[..., :codebook_size].float()
     if temperature > 0:
         logits = logits / temperature
     if top_k is not None:
@@ -70,8 +67,9 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next ids [B] from logits [B, V]: argmax when `temperature == 0`, else a draw from the filtered softmax."""
-    logits = process_logits(logits, codebook_size, temperature, top_k, top_p)
+    """Next codebook ids [B] from logits [B, V]: argmax when `temperature == 0`, else a draw from the filtered
+    softmax."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return logits[..., :codebook_size].argmax(-1)  # top-k / top-p never change the argmax
+    logits = process_logits(logits, codebook_size, temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
