@@ -7,7 +7,7 @@ Every method generates the same greedy tokens (checked: special ids suppressed i
 prompts of `--prompt-frames` random images, `--frames` images each; tokens/s counts generated tokens over the whole
 call (one prefill + one token per step). transformers runs `LlamaForCausalLM.generate` (sdpa, its default cache) on
 weights converted by `lvm_pl.interop.hf_llama`. The sweep times one generated image after prompts of 1..15 frames
-(ours and transformers). Results go to bench/results/bench_generate.json.
+(ours, compiled too with --compile, and transformers). Results go to bench/results/bench_generate.json.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def hf_generate(hf: nn.Module, layout: TokenLayout, prompt: torch.Tensor, num_fr
 
 
 def methods(
-    model: LLaMA, hf: nn.Module, layout: TokenLayout, prompt: torch.Tensor, frames: int, compiled: bool, cache: bool
+    model: LLaMA, hf: nn.Module, layout: TokenLayout, prompt: torch.Tensor, frames: int, compiled: bool, no_cache: bool
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The generation closures to time, by name."""
     greedy = GenerationSettings(temperature=0)
@@ -70,7 +70,7 @@ def methods(
     }
     if compiled:
         fns["ours_compiled"] = lambda: generate(model, prompt, frames, layout, GenerationSettings(0, compile=True))
-    if cache:
+    if no_cache:
         fns["no_cache"] = lambda: generate_no_cache(model, prompt, frames, layout, greedy)
     return fns
 
@@ -108,7 +108,7 @@ def main() -> None:
     hf = hf_twin(model, layout)
     prompt = torch.randint(0, layout.codebook_size, (args.batch_size, args.prompt_frames, tpi), device=args.device)
 
-    fns = methods(model, hf, layout, prompt, args.frames, args.compile, cache=True)
+    fns = methods(model, hf, layout, prompt, args.frames, args.compile, no_cache=True)
     outputs = {name: fn() for name, fn in fns.items()}  # warm-up (and compile) + the equality check
     agree = {name: bool(torch.equal(out, outputs["ours"])) for name, out in outputs.items()}
     seconds = {k: median(v) for k, v in alternate(fns, warmup=0, repeats=args.repeats, device=args.device).items()}
@@ -120,10 +120,10 @@ def main() -> None:
     sweep = []
     for frames in range(args.sweep[0], args.sweep[1] + 1):
         p = torch.randint(0, layout.codebook_size, (1, frames, tpi), device=args.device)
-        fs = methods(model, hf, layout, p, 1, args.compile, cache=False)
+        fs = methods(model, hf, layout, p, 1, args.compile, no_cache=False)
         t = {k: median(v) for k, v in alternate(fs, warmup=1, repeats=args.repeats, device=args.device).items()}
         sweep.append({"prompt_frames": frames, **{f"{k}_seconds_per_image": v for k, v in t.items()}})
-        say(f"prompt {frames} frames: ours {t['ours']:.3f} s/image, reference {t['reference']:.3f}")
+        say(f"prompt {frames} frames: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()) + " s/image")
 
     size = f"{args.preset}{' (shrunk)' if args.quick else ''}, B={args.batch_size}, {tpi} tokens/image"
     figures = [

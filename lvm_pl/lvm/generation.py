@@ -116,8 +116,10 @@ def generate(
     window = window_frames(layout, model.config.block_size, settings.max_context_frames)
     frames = _crop_prompt(prompt, window)
     B, device = frames.shape[0], frames.device
-    # the longest context this call reaches; sized to it, as each cached step attends over the whole cache
-    _ensure_cache(model, B, int(layout.add_bos) + min(window + 1, frames.shape[1] + num_frames) * tpi)
+    # eager: the cache holds the longest context this call reaches, as each step attends over the whole cache;
+    # compiled: always the full window, so one cache shape (one compiled graph) serves every prompt length
+    frames_cached = window + 1 if settings.compile else min(window + 1, frames.shape[1] + num_frames)
+    _ensure_cache(model, B, int(layout.add_bos) + frames_cached * tpi)
     step = compiled_decode_step(model) if settings.compile else decode_step
     draw = dict(
         codebook_size=layout.codebook_size,
