@@ -7,6 +7,7 @@ python main.py export-hf --help
 from __future__ import annotations
 
 import importlib
+import pickle
 import sys
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from lvm_pl.console import UserError
+from lvm_pl.finite import NonFiniteLossError
 
 # Commands that are not Trainer entries: name -> "module:function". jsonargparse builds each one's CLI from its
 # signature and docstring, so adding a command is adding one line here.
@@ -21,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "preview-data": "datamodules.preview:preview_data",
     "export-hf": "lvm_pl.interop.hf_llama:export_hf",
     "import-hf": "lvm_pl.interop.hf_llama:import_hf",
+    "convert-zero": "lvm_pl.interop.zero:convert_zero",
 }
 
 TRAINER_DEFAULTS = {
@@ -38,6 +41,14 @@ class LVMCLI(LightningCLI):
     def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
         main_kwargs.setdefault("epilog", "other commands: " + ", ".join(sorted(COMMANDS)) + " (each with --help)")
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI torch.loads --ckpt_path itself (for its hyper-parameters) before the Trainer's checkpoint IO
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise UserError(f"ckpt_path={path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> LVMCLI:
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             auto_cli(resolve_command(args[0]), args=args[1:], as_positional=False)
         else:
             cli(argv)  # None: LightningCLI reads sys.argv itself
-    except UserError as err:
+    except (UserError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -36,3 +36,116 @@ def repo_root():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory, repo_root) -> dict:
+    """Tiny inputs any config can run on, made once per session through the real CLI:
+    an image folder, a video, a VQGAN checkpoint, token shards (train/val) and an LVM checkpoint."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    from main import cli
+
+    root = tmp_path_factory.mktemp("assets")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        rng = np.random.default_rng(0)
+        for s in range(4):
+            for i in range(3):
+                path = root / "folder" / f"sentence{s}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+        (root / "videos").mkdir()
+        with av.open(str(root / "videos" / "clip.mp4"), "w") as out:
+            stream = out.add_stream("mpeg4", rate=8)
+            stream.width = stream.height = 32
+            stream.pix_fmt = "yuv420p"
+            for t in range(12):
+                frame = np.full((32, 32, 3), 20 * t, dtype=np.uint8)
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            out.mux(stream.encode(None))
+
+        cfg = lambda name: str(repo_root / "configs" / name)  # noqa: E731
+        small = [
+            "--data.init_args.image_size=32",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.source.init_args.splits={train: 8, val: 4, test: 4}",
+        ]
+        quiet = [
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_checkpointing=false",
+        ]
+        run = cli(
+            [
+                "fit",
+                "-c",
+                cfg("vqgan/tiny.yaml"),
+                "-c",
+                cfg("data/builtin.yaml"),
+                *small,
+                *quiet,
+                "--trainer.max_steps=2",
+                "--trainer.max_time=null",
+                "--trainer.limit_val_batches=0",
+            ]
+        )
+        vqgan_ckpt = root / "vqgan.ckpt"
+        run.trainer.save_checkpoint(vqgan_ckpt)
+        for split in ("train", "val"):
+            cli(
+                [
+                    "predict",
+                    "-c",
+                    cfg("vqgan/tiny.yaml"),
+                    "-c",
+                    cfg("data/builtin.yaml"),
+                    "-c",
+                    cfg("tokenize.yaml"),
+                    *small,
+                    "--data.init_args.max_images=4",
+                    f"--ckpt_path={vqgan_ckpt}",
+                    f"--data.init_args.predict_split={split}",
+                    f"--trainer.callbacks.init_args.split={split}",
+                    f"--trainer.callbacks.init_args.output_dir={root / 'shards' / split}",
+                ]
+            )
+        run = cli(
+            [
+                "fit",
+                "-c",
+                cfg("lvm/tiny.yaml"),
+                "-c",
+                cfg("data/tokens.yaml"),
+                *quiet,
+                f"--data.init_args.train={root / 'shards' / 'train'}",
+                f"--data.init_args.val={root / 'shards' / 'val'}",
+                "--data.init_args.seq_len=64",
+                "--data.init_args.batch_size=2",
+                "--data.init_args.num_workers=0",
+                "--trainer.max_steps=2",
+                "--trainer.limit_val_batches=0",
+                "--trainer.callbacks=[]",
+            ]
+        )
+        lvm_ckpt = root / "lvm.ckpt"
+        run.trainer.save_checkpoint(lvm_ckpt)
+        frames = [root / "folder" / "sentence0" / f"{i}.png" for i in range(3)]
+        (root / "prompts.yaml").write_text(f"- {{images: [{frames[0]}, {frames[1]}], truth: [{frames[2]}]}}\n")
+        (root / "prompts").mkdir()
+        (root / "prompts" / "p0").symlink_to(root / "folder" / "sentence0")
+    finally:
+        os.chdir(cwd)
+    return {
+        "folder": root / "folder",
+        "videos": root / "videos",
+        "vqgan_ckpt": vqgan_ckpt,
+        "shards": root / "shards",
+        "lvm_ckpt": lvm_ckpt,
+        "prompts_file": root / "prompts.yaml",
+        "prompts_folder": root / "prompts",
+    }

@@ -111,7 +111,6 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(inputs, repo_root):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs LVMCLI._parse_ckpt_path to raise UserError (main.py, see report)")
 def test_cli_truncated_checkpoint_is_one_line(inputs, repo_root):
     _run_cases(inputs, repo_root, [TRUNCATED])
 

@@ -79,7 +79,9 @@ class LVM(LightningModule):
         non_finite: NonFinitePolicy = "stop",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["context_frames", "next_frame_examples"])
+        # run-time inputs stay out of the checkpoint, so `--ckpt_path` never overrides the ones a command gives
+        self.save_hyperparameters(ignore=["tokenizer", "context_frames", "next_frame_examples"])
+        self.tokenizer_path = tokenizer
         self.context_frames, self.next_frame_examples = context_frames, next_frame_examples
         self._evaluation: TestEvaluation | None = None
         self.config = LVMConfig.from_name(model, **(model_overrides or {}))
@@ -99,7 +101,7 @@ class LVM(LightningModule):
         if self.tokenizer is None:
             from lvm_pl.vqgan import load_tokenizer
 
-            tokenizer = load_tokenizer(self.hparams.tokenizer)
+            tokenizer = load_tokenizer(self.tokenizer_path)
             tokenizer.requires_grad_(False)
             # object.__setattr__ keeps the frozen tokenizer out of state_dict, optimizer and checkpoints
             object.__setattr__(self, "tokenizer", tokenizer.eval())
@@ -114,7 +116,7 @@ class LVM(LightningModule):
             layout = TokenLayout.from_dict(saved) if saved is not None else None
         if layout is None and isinstance(getattr(datamodule, "layout", None), TokenLayout):
             layout = datamodule.layout
-        if layout is None and self.hparams.tokenizer is not None:
+        if layout is None and self.tokenizer_path is not None:
             tokenizer = self._load_tokenizer()
             image_size = getattr(datamodule, "image_size", None)
             if image_size is None:
@@ -211,7 +213,7 @@ class LVM(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         tokens, logits = self._eval_step(batch, batch_idx, "test")
-        tokenizer = self._load_tokenizer() if self.hparams.tokenizer is not None else None
+        tokenizer = self._load_tokenizer() if self.tokenizer_path is not None else None
         self._evaluation.update(self.model, batch, tokens, logits, batch_idx, tokenizer)
 
     def _eval_step(self, batch: dict, batch_idx: int, split: str) -> tuple[dict, torch.Tensor]:
@@ -235,7 +237,7 @@ class LVM(LightningModule):
         if loss is not None:
             self.log("test/perplexity", loss.exp())  # of every token, teacher-forced; the evaluation's are per target
         for key, value in self._evaluation.finish(self.trainer).items():
-            self.log(key, value)
+            self.log(key, value, sync_dist=True)  # every rank computed the same value from the gathered records
 
     def _preview_rows(self, batch: dict, logits: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Teacher-forced preview: for the first whole sentence of each window (>= 2 images), the argmax of the
@@ -270,7 +272,7 @@ class LVM(LightningModule):
         """[n, tokens_per_image] codebook ids -> uint8 images: decoded by the tokenizer, else the ids as gray maps."""
         side = math.isqrt(self._layout.tokens_per_image)
         grids = codes.view(-1, side, side)
-        if self.hparams.tokenizer is not None:
+        if self.tokenizer_path is not None:
             with torch.no_grad():
                 return list(image_utils.to_uint8(self._load_tokenizer().decode(grids)))
         gray = (grids.float() / (self._layout.codebook_size - 1) * 2 - 1)[:, None].expand(-1, 3, -1, -1)
