@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvm_pl import atomic, shards
+from lvm_pl import atomic, metrics, shards
 from lvm_pl.console import UserError, say
 from lvm_pl.lvm.generation import GenerationSettings, generate
 from lvm_pl.tokens import TokenLayout
@@ -123,13 +123,8 @@ def context_length_nll(
 
 
 def image_quality(pred: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """PSNR (dB) and SSIM [B] of images [B, 3, H, W] in [-1, 1] (data range 2)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-    pred, truth = pred.float().clamp(-1, 1), truth.float()
-    psnr = peak_signal_noise_ratio(pred, truth, data_range=(-1.0, 1.0), reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(pred, truth, data_range=(-1.0, 1.0), reduction="none")
-    return psnr, ssim
+    """PSNR (dB) and SSIM [B] of images [B, 3, H, W] in [-1, 1], as `lvm_pl.metrics` (skimage's) computes them."""
+    return metrics.psnr(pred, truth), metrics.ssim(pred, truth)
 
 
 @torch.no_grad()
