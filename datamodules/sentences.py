@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.imageio import fit_image
 from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence
-from lvm_pl.console import UserError
+from datamodules.tokens import WindowSampler, _TrainLoader
+from lvm_pl.console import UserError, warn
 from lvm_pl.images import to_tensor
 
 __all__ = ["SentenceDataset", "VisualSentence", "VisualSentenceDataModule", "collate_sentences"]
@@ -76,6 +77,8 @@ class VisualSentenceDataModule(LightningDataModule):
     `unit="image"` yields {"image": [B, 3, H, W], "kind"}; `unit="sentence"` yields `collate_sentences` batches.
     Sentences longer than `max_images` are cut; one shorter than `min_images` fails at setup naming its path.
     `crop="random"` crops training sentences at a position drawn per sentence from the seed (val/test: centre).
+    Training order is a permutation by (seed, epoch), split across ranks; a checkpoint carries the position in it, so a
+    resumed `fit` sees exactly the batches the interrupted one had not trained on.
     """
 
     def __init__(
@@ -103,6 +106,8 @@ class VisualSentenceDataModule(LightningDataModule):
         self.min_images, self.max_images = min_images, max_images
         self.batch_size, self.num_workers, self.seed, self.predict_split = batch_size, num_workers, seed, predict_split
         self._ready = False
+        self._train_sampler: WindowSampler | None = None
+        self._resume_state: dict | None = None
         self.predict_skip: set[int] = set()  # sentences a resumed tokenize run already wrote (set by TokenWriter)
 
     def setup(self, stage: str | None = None) -> None:
@@ -158,28 +163,38 @@ class VisualSentenceDataModule(LightningDataModule):
         self.setup()
         return SentenceDataset(self, split, self.unit)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
+    def _loader(self, dataset: SentenceDataset, sampler: WindowSampler | None = None) -> DataLoader:
+        return (DataLoader if sampler is None else _TrainLoader)(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_sentences if self.unit == "sentence" else None,
             persistent_workers=self.num_workers > 0,
+            # its own generator: creating an iterator (every epoch, and once more on resume) then draws nothing
+            # from the global RNG, which training (quantizer restarts) uses and checkpoints
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        dataset = self.dataset("train")
+        sampler = WindowSampler(len(dataset), world, rank, shuffle=True, seed=self.seed)
+        if self._resume_state is not None:
+            self._resume(sampler, self._resume_state)
+            self._resume_state = None
+        self._train_sampler = sampler
+        return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self.dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
         if not self.predict_skip:
-            return self._loader(self.predict_split, shuffle=False)
+            return self._loader(self.dataset(self.predict_split))
         # a resumed tokenize run: the TokenWriter has set the sentences its complete shards already hold
         ds = self.dataset(self.predict_split)
         sampler = _PredictSampler(len(ds), self.trainer.world_size, self.trainer.global_rank, self.predict_skip)
@@ -190,3 +205,37 @@ class VisualSentenceDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_sentences if self.unit == "sentence" else None,
         )
+
+    def state_dict(self) -> dict:
+        """Where training is in its order: epoch and items this rank consumed (checkpointed by Lightning)."""
+        if self.trainer is None or self._train_sampler is None:
+            return {}
+        # the loop's count, not the loader's: Lightning prefetches a batch the model has not trained on yet
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {
+            "epoch": self.trainer.current_epoch,
+            "consumed": batches * self.batch_size,
+            **self._order(self._train_sampler),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        if self._train_sampler is None:
+            self._resume_state = dict(state_dict)  # usual case: restored before the train loader is built
+        elif self._train_sampler.started:
+            warn("data: the train loader was iterated before the checkpoint was restored; the epoch restarts")
+        else:
+            self._resume(self._train_sampler, state_dict)
+
+    @staticmethod
+    def _order(sampler: WindowSampler) -> dict:
+        return {"num_items": len(sampler.dataset), "world_size": sampler.num_replicas, "seed": sampler.seed}
+
+    def _resume(self, sampler: WindowSampler, state: dict) -> None:
+        now, then = self._order(sampler), {k: state.get(k) for k in self._order(sampler)}
+        if then != now:
+            warn(f"data: checkpoint's training order was {then}, now {now}; the epoch restarts from its first item")
+            sampler.resume(state["epoch"], 0)
+        else:
+            sampler.resume(state["epoch"], state["consumed"])

@@ -46,7 +46,8 @@ def fitted(repo_root, tmp_path_factory):
                 "--trainer.val_check_interval=3",
             ]
         )
-        ckpt = next(Path(run.trainer.log_dir, "checkpoints").glob("*.ckpt")).resolve()
+        ckpt = Path("vqgan.ckpt").resolve()
+        run.trainer.save_checkpoint(ckpt)
         yield run, ckpt
     finally:
         os.chdir(old)

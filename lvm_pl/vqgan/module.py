@@ -5,13 +5,17 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lvm_pl.atomic import write_json
 from lvm_pl.console import UserError, say
+from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.images import grid, to_uint8
 from lvm_pl.metrics import psnr, ssim
 from lvm_pl.vqgan.autoencoder import Autoencoder
@@ -37,9 +41,11 @@ class VQGAN(LightningModule):
         ema_decay: float | None = None,
         image_log_every_n_steps: int = 500,
         num_logged_images: int = 8,
+        non_finite: NonFinitePolicy = "stop",
     ):
         """`disc_lr`/`disc_betas` default to the autoencoder's; `ema_decay` keeps an EMA copy of the autoencoder
-        that validation, test, predict and export use."""
+        that validation, test, predict and export use. `non_finite`: a NaN/Inf loss term stops the run naming the
+        step and term (`stop`), or that step's update is dropped (`skip`)."""
         super().__init__()
         self.save_hyperparameters()
         if autoencoder.embed_dim != quantizer.embed_dim:
@@ -87,10 +93,13 @@ class VQGAN(LightningModule):
         out = self.quantizer(ae.encode(images))
         return ae.decode(out.quantized), out
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         images = batch["image"]
         recon, q = self._forward(images, self.autoencoder)
         total, logs = self.loss(images, recon, q.loss, self.autoencoder.last_layer, self.global_step)
+        terms = {f"train/{k}": logs[k] for k in ("rec", "perceptual", "codebook", "g", "d", "total") if k in logs}
+        if not check_finite(terms, self.global_step, self.hparams.non_finite):
+            return None  # Lightning skips backward and the optimizer step for this batch
         self.quantizer.record(q.counts)
         logs |= self.quantizer.usage_stats()
         self.log_dict({f"train/{k}": v for k, v in logs.items()})
@@ -107,6 +116,22 @@ class VQGAN(LightningModule):
                     e.lerp_(p.detach(), 1 - self.hparams.ema_decay)
                 for e, b in zip(self.ema.buffers(), self.autoencoder.buffers(), strict=True):
                     e.copy_(b)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not checkpoint RNG state; training draws from it (quantizer init and dead-code restarts)
+        states = _collect_rng_states()
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        # numpy's key array as a list: `torch.load(weights_only=True)` (LightningCLI's read) rejects ndarrays
+        states["numpy"] = (name, keys.tolist(), int(pos), int(has_gauss), float(gauss))
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # only a resumed fit continues the RNG stream; loading a tokenizer must not reset the caller's RNG
+        if self._trainer is not None and self.trainer.state.fn == "fit" and "rng_states" in checkpoint:
+            states = dict(checkpoint["rng_states"])
+            name, keys, *rest = states["numpy"]
+            states["numpy"] = (name, np.asarray(keys, dtype=np.uint32), *rest)
+            _set_rng_states(states)
 
     def _evaluate(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["image"]

@@ -35,9 +35,10 @@ class Quantizer(nn.Module):
         super().__init__()
         self.codebook_size = codebook_size
         self.embed_dim = embed_dim
-        # [window, K] code counts of recent training batches, for usage / perplexity / dead-code logging
-        self.register_buffer("recent_counts", torch.zeros(usage_window, codebook_size), persistent=False)
-        self._slot = 0
+        # [window, K] code counts of recent training batches, for usage / perplexity / dead-code logging; both
+        # persistent, so a resumed run logs the same window as an uninterrupted one
+        self.register_buffer("recent_counts", torch.zeros(usage_window, codebook_size))
+        self.register_buffer("next_slot", torch.zeros((), dtype=torch.long))
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         raise NotImplementedError
@@ -48,8 +49,8 @@ class Quantizer(nn.Module):
 
     def record(self, counts: torch.Tensor) -> None:
         """Add one training batch's code counts [K] to the usage window."""
-        self.recent_counts[self._slot % self.recent_counts.shape[0]] = _all_reduce(counts.detach().float().clone())
-        self._slot += 1
+        self.recent_counts[self.next_slot % self.recent_counts.shape[0]] = _all_reduce(counts.detach().float().clone())
+        self.next_slot.add_(1)
 
     def usage_stats(self, counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Fraction of codes used, perplexity and dead codes over `counts` [K] (default: the recent window)."""
@@ -177,7 +178,10 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        """EMA codebook step and dead-code restart (statistics summed over ranks)."""
+        """EMA codebook step and dead-code restart (statistics summed over ranks); skipped on non-finite latents,
+        whose step the module stops or skips, so the codebook never takes NaNs in."""
+        if not torch.isfinite(_all_reduce(flat.sum().reshape(1))).all():
+            return
         counts = _all_reduce(counts.float())
         decay = 0.99 if self.ema_decay is None else self.ema_decay
         self.usage_ema.mul_(decay).add_(counts, alpha=1 - decay)
