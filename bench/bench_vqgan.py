@@ -79,7 +79,7 @@ def our_model(config: Path, device: str) -> nn.Module | None:
     parser.add_subclass_arguments(VQGAN, "model")
     section = {"model": yaml.safe_load(config.read_text())["model"]}
     torch.manual_seed(0)
-    return parser.instantiate_classes(parser.parse_object(section)).model.to(device).eval()
+    return parser.instantiate(parser.parse_object(section)).model.to(device).eval()
 
 
 def rates(fns: dict[str, Callable[[], Any]], batch_size: int, repeats: int, device: str) -> dict[str, float]:
