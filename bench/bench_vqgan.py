@@ -5,8 +5,8 @@ python -m bench.bench_vqgan [--quick] [--config configs/vqgan/muse_f16_8192.yaml
 Both are the MUSE VQGAN architecture (f=16, 8192 codes; diffusers' amused `VQModel` config), timed side by side in
 one process with calls alternating. Encode is everything from pixels to ids (diffusers: encoder, quant_conv, nearest
 code); decode everything from ids to pixels (codebook lookup, post_quant_conv, decoder). Until a diffusers converter
-exists both models hold their own random weights (speed does not depend on the values). Until `lvm_pl.vqgan` and the
-muse config land, only the reference is measured and our figures are empty. Results: bench/results/bench_vqgan.json.
+exists both models hold their own random weights (speed does not depend on the values). Where `lvm_pl.vqgan` or the
+config is missing, only the reference is measured and our figures are empty. Results: bench/results/bench_vqgan.json.
 """
 
 from __future__ import annotations
