@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m lvm_pl.demo
+	$(BIN)/python main.py demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "export-hf": "lvm_pl.interop.hf_llama:export_hf",
     "import-hf": "lvm_pl.interop.hf_llama:import_hf",
     "convert-zero": "lvm_pl.interop.zero:convert_zero",
+    "demo": "lvm_pl.demo:demo",
 }
 
 TRAINER_DEFAULTS = {

@@ -78,7 +78,7 @@ def tiny_assets(tmp_path_factory, repo_root) -> dict:
         quiet = [
             "--trainer.logger=false",
             "--trainer.enable_progress_bar=false",
-            "--trainer.enable_checkpointing=false",
+            "--trainer.callbacks=[]",
         ]
         run = cli(
             [

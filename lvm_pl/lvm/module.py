@@ -22,6 +22,7 @@ from lvm_pl.console import UserError, say
 from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.lvm.config import LVMConfig
 from lvm_pl.lvm.evaluation import TestEvaluation, shard_locator
+from lvm_pl.lvm.generation import GenerationSettings, predict_batch
 from lvm_pl.lvm.model import LLaMA, RMSNorm
 from lvm_pl.tokens import TokenLayout
 
@@ -77,11 +78,13 @@ class LVM(LightningModule):
         context_frames: int = 0,
         next_frame_examples: int = 0,
         non_finite: NonFinitePolicy = "stop",
+        generation: GenerationSettings | None = None,
     ) -> None:
         super().__init__()
         # run-time inputs stay out of the checkpoint, so `--ckpt_path` never overrides the ones a command gives
-        self.save_hyperparameters(ignore=["tokenizer", "context_frames", "next_frame_examples"])
+        self.save_hyperparameters(ignore=["tokenizer", "context_frames", "next_frame_examples", "generation"])
         self.tokenizer_path = tokenizer
+        self.generation = generation or GenerationSettings()
         self.context_frames, self.next_frame_examples = context_frames, next_frame_examples
         self._evaluation: TestEvaluation | None = None
         self.config = LVMConfig.from_name(model, **(model_overrides or {}))
@@ -231,6 +234,12 @@ class LVM(LightningModule):
         if loss is not None:
             self.log("val/perplexity", loss.exp())
         self._log_preview_grid()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Generate images for a PromptDataModule batch (see `lvm_pl.lvm.generation.predict_batch`)."""
+        if self.tokenizer_path is None:
+            raise UserError("model.tokenizer: prompting needs the VQGAN checkpoint to encode prompts and decode images")
+        return predict_batch(self.model, self._load_tokenizer(), self.layout, batch, self.generation)
 
     def on_test_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("test/loss")
