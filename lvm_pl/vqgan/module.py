@@ -109,7 +109,10 @@ class VQGAN(LightningModule):
             self._log_grid("train/reconstructions", images, recon)
         return total
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: a checkpoint saved at this step (callbacks run before the module's
+        # on_train_batch_end) must already hold this step's EMA, or a resumed run drops one update
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.autoencoder.parameters(), strict=True):
