@@ -224,3 +224,18 @@ def test_compiled_blocks_keep_names_and_logits():
     idx = torch.randint(0, LAYOUT.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(compiled(idx), eager(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_on_the_fly_sentence_longer_than_the_context_keeps_its_latest_whole_frames():
+    # block_size 10 holds [BOS] + 2 images of 4 codes + [EOS] - 1 = 9 inputs, not 3 images (13)
+    layout = TokenLayout(codebook_size=32, tokens_per_image=4).to_dict()
+    lvm = small_lvm(tokenizer="fake.ckpt", layout=layout, model_overrides={**SMALL, "block_size": 10})
+    object.__setattr__(lvm, "tokenizer", FakeTokenizer())
+    lvm.configure_model()
+    batch = SentenceData()._batches()[0]
+    rows = lvm.token_batch(batch)
+    assert rows["input_ids"].shape == (4, 9)
+    codes = FakeTokenizer().encode(batch["images"][0, 1:]).flatten(1)  # images 1 and 2 of the 3-image sentence
+    assert rows["input_ids"][0].tolist() == [32, *codes.flatten().tolist()]
+    assert rows["labels"][0, -1].item() == 33  # EOS still closes it
+    lvm(rows["input_ids"])  # fits the context

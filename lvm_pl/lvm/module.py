@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
 
 from lvm_pl import images as image_utils
-from lvm_pl.console import UserError, say
+from lvm_pl.console import UserError, say, warn
 from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.lvm.config import LVMConfig
 from lvm_pl.lvm.evaluation import TestEvaluation, shard_locator
@@ -184,7 +184,9 @@ class LVM(LightningModule):
         B, N = images.shape[:2]
         with torch.no_grad():
             codes = self._load_tokenizer().encode(images.flatten(0, 1)).view(B, N, -1)  # [B, N, h*w]
-        sentences = [self._layout.sentence(codes[b, : int(counts[b])]) for b in range(B)]
+        # a sentence longer than the context keeps its most recent whole frames (the paper's sliding window)
+        fit = (self.config.block_size + 1 - self._layout.sentence_length(0)) // self._layout.tokens_per_image
+        sentences = [self._layout.sentence(codes[b, max(0, int(counts[b]) - fit) : int(counts[b])]) for b in range(B)]
         length = max(len(s) for s in sentences) - 1
         input_ids = torch.full((B, length), self._layout.eos_id, dtype=torch.long, device=images.device)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -212,7 +214,12 @@ class LVM(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         locate = shard_locator(self.trainer)
-        self._evaluation = TestEvaluation(self._layout, self.context_frames, self.next_frame_examples, locate)
+        context = self.context_frames
+        fit = self.config.block_size // self._layout.tokens_per_image - 1  # [BOS] + k context frames + the target
+        if context > fit:
+            warn(f"model.context_frames={context}: the context holds at most {fit} frames; studying 1..{fit}")
+            context = fit
+        self._evaluation = TestEvaluation(self._layout, context, self.next_frame_examples, locate)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         tokens, logits = self._eval_step(batch, batch_idx, "test")
