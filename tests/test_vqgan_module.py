@@ -40,7 +40,7 @@ def fitted(repo_root, tmp_path_factory):
                 "fit",
                 *_args(repo_root),
                 "--model.init_args.loss.init_args.disc_start=0",
-                "--model.init_args.loss.init_args.disc_weight=0.1",  # the tiny config trains without the GAN
+                "--model.init_args.loss.init_args.disc_weight=0.1",  # the tiny config has the GAN off
                 "--model.init_args.loss.init_args.lecam_weight=0.1",
                 "--model.init_args.ema_decay=0.9",
                 "--trainer.max_steps=3",
@@ -66,7 +66,7 @@ def test_load_tokenizer_round_trip(fitted):
     run, ckpt = fitted
     tok = load_tokenizer(ckpt)
     assert not tok.training and not any(p.requires_grad for p in tok.parameters())
-    assert tok.codebook_size == 512 and tok.downsample_factor == 4
+    assert tok.codebook_size == 256 and tok.downsample_factor == 4
     assert tok.ema is not None  # the class_path-injected parts and the EMA copy were rebuilt from the checkpoint
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     idx = tok.encode(x)
