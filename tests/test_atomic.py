@@ -20,3 +20,10 @@ def test_failure_leaves_previous_file_and_no_temp(tmp_path):
         raise RuntimeError("killed")
     assert p.read_text() == "good"
     assert [f.name for f in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_outputs_get_the_permissions_of_a_plain_open(tmp_path):
+    plain, atomic_file = tmp_path / "plain.txt", tmp_path / "atomic.txt"
+    plain.write_text("x")
+    atomic.write_text(atomic_file, "x")
+    assert atomic_file.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
