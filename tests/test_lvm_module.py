@@ -239,3 +239,14 @@ def test_on_the_fly_sentence_longer_than_the_context_keeps_its_latest_whole_fram
     assert rows["input_ids"][0].tolist() == [32, *codes.flatten().tolist()]
     assert rows["labels"][0, -1].item() == 33  # EOS still closes it
     lvm(rows["input_ids"])  # fits the context
+
+
+def test_images_of_another_size_than_the_layout_are_a_user_error():
+    layout = TokenLayout(codebook_size=32, tokens_per_image=4).to_dict()
+    lvm = small_lvm(tokenizer="fake.ckpt", layout=layout)
+    object.__setattr__(lvm, "tokenizer", FakeTokenizer())
+    lvm.configure_model()
+    batch = SentenceData()._batches()[0]
+    batch["images"] = torch.nn.functional.interpolate(batch["images"].flatten(0, 1), size=8).unflatten(0, (4, 3))
+    with pytest.raises(UserError, match="data.image_size=8: the tokenizer makes 16 tokens"):
+        lvm.token_batch(batch)

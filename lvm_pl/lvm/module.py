@@ -181,6 +181,7 @@ class LVM(LightningModule):
         if "input_ids" in batch:
             return batch
         images, counts = batch["images"], batch["num_images"]  # [B, N, 3, H, W], [B]
+        self._check_image_size(images.shape[-1])
         B, N = images.shape[:2]
         with torch.no_grad():
             codes = self._load_tokenizer().encode(images.flatten(0, 1)).view(B, N, -1)  # [B, N, h*w]
@@ -246,7 +247,17 @@ class LVM(LightningModule):
         """Generate images for a PromptDataModule batch (see `lvm_pl.lvm.generation.predict_batch`)."""
         if self.tokenizer_path is None:
             raise UserError("model.tokenizer: prompting needs the VQGAN checkpoint to encode prompts and decode images")
+        self._check_image_size(batch["prompt"].shape[-1])
         return predict_batch(self.model, self._load_tokenizer(), self.layout, batch, self.generation)
+
+    def _check_image_size(self, side: int) -> None:
+        """Images must give the tokens per image the LVM was trained on (a different data.image_size would not)."""
+        tokens = (side // self._load_tokenizer().downsample_factor) ** 2
+        if tokens != self._layout.tokens_per_image:
+            raise UserError(
+                f"data.image_size={side}: the tokenizer makes {tokens} tokens of such an image, but this LVM was"
+                f" trained on {self._layout.tokens_per_image} tokens per image; set data.image_size to match"
+            )
 
     def on_test_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("test/loss")
