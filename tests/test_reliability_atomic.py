@@ -25,11 +25,13 @@ REVIEWED = {
     ): "the temporary path of atomic_path",
     ("lvm_pl/shards.py", "np.savez("): "into that file",
     ("lvm_pl/lvm/evaluation.py", 'fig.savefig(buf, format="png")'): "into a BytesIO, then atomic.write_bytes",
-    ("lvm_pl/interop/hf_llama.py", "config.save_pretrained(tmp)"): "temporary sibling directory, then os.replace",
+    ("lvm_pl/interop/hf_llama.py", "config.save_pretrained(tmp)"): "the temporary directory of atomic_dir",
     (
         "lvm_pl/interop/hf_llama.py",
         'save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})',
     ): "same temporary directory",
+    ("lvm_pl/interop/diffusers_vq.py", "ref.save_pretrained(tmp, safe_serialization=True)"): "the temporary "
+    "directory of atomic_dir",
     ("callbacks/token_writer.py", 'with os.fdopen(fd, "w") as f:'): "lock file made by O_CREAT|O_EXCL; readers "
     "treat a half-written one as a dead owner's",
     ("callbacks/token_writer.py", "json.dump(me, f)"): "the same lock file",

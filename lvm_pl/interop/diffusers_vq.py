@@ -9,9 +9,6 @@ VQ pipelines normalise with `VaeImageProcessor`, x * 2 - 1) and decode unclamped
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ import lightning
 import torch
 from lightning.pytorch.cli import instantiate_module
 
-from lvm_pl.atomic import torch_save
+from lvm_pl.atomic import atomic_dir, torch_save
 from lvm_pl.console import UserError, say
 from lvm_pl.vqgan import load_tokenizer
 from lvm_pl.vqgan.autoencoder import Autoencoder
@@ -110,18 +107,8 @@ def export_diffusers(checkpoint: str, out_dir: str) -> None:
     state = {k: v.detach().float() for k, v in ae.state_dict().items()}
     state[DIFFUSERS_CODEBOOK] = model.quantizer.embedding.weight.detach().float()
     ref.load_state_dict(state)  # strict: a name or shape that does not map is a bug here, not a user error
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         ref.save_pretrained(tmp, safe_serialization=True)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     say(f"exported {checkpoint} -> {out_dir} ({sum(v.numel() for v in state.values()):,} parameters)")
 
 

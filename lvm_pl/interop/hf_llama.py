@@ -8,16 +8,13 @@ config.json as `lvm_layout` (and as bos/eos ids), so an exported model imports b
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning
 import torch
 
-from lvm_pl.atomic import torch_save
+from lvm_pl.atomic import atomic_dir, torch_save
 from lvm_pl.console import UserError, say
 from lvm_pl.lvm.config import PRESETS, LVMConfig
 from lvm_pl.lvm.module import LVM
@@ -82,19 +79,9 @@ def export_hf(checkpoint: str, out_dir: str, dtype: str = "float32") -> None:
     }
     config = hf_config(module.config, module.layout)
     config.torch_dtype = dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         config.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     say(f"exported {checkpoint} -> {out_dir} ({sum(v.numel() for v in state.values()):,} parameters, {dtype})")
 
 
