@@ -1,17 +1,18 @@
 """Token pipeline speed: packed-loader tokens/s, and tokenize images/s against the tokenizer's bare `encode`.
 
-python bench/bench_tokens.py [--quick] [--workers 0] [--vqgan CKPT --device cuda]
+python bench/bench_tokens.py [--quick] [--workers 0] [--vqgan CKPT | --vqgan-config YAML] [--device cuda]
 
 The loader part writes synthetic paper-size shards (8192 codes, 256 tokens per image, 16-image sentences) to a temp
-dir and times `TokenDataModule`'s train loader (windows of 4096, shuffled) over whole epochs. The tokenize part needs a
-VQGAN checkpoint (`--vqgan`): it times `encode` on random images, then the full predict pipeline (data, model, token
-writer) on the same images, and reports the overhead. Results go to bench/results/bench_tokens.json.
+dir and times `TokenDataModule`'s train loader (windows of 4096, shuffled) over whole epochs. The tokenize part times
+`encode` on random images, then the full predict pipeline (data, model, token writer) on the same kind of images, and
+reports the overhead. Its VQGAN is `--vqgan` (a checkpoint), or else a checkpoint written from `--vqgan-config` with
+seeded random weights (speed does not depend on the values; default the tiny config, so CPU runs take seconds).
+Results go to bench/results/bench_tokens.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,14 +22,12 @@ import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 
+from bench.common import ROOT, vqgan_from_config, write_results
 from callbacks.token_writer import TokenWriter
 from datamodules.tokens import TokenDataModule
 from lvm_pl import shards
-from lvm_pl.atomic import write_json
 from lvm_pl.console import say
 from lvm_pl.tokens import TokenLayout
-
-RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", Path(__file__).resolve().parent / "results")) / "bench_tokens.json"
 
 
 def bench_loader(num_tokens: int, workers: int, seq_len: int = 4096, batch_size: int = 8, min_seconds: float = 3.0):
@@ -127,11 +126,25 @@ def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int, si
     }
 
 
+def random_checkpoint(config: Path, directory: str) -> str:
+    """A `main.py fit`-style checkpoint of the VQGAN in `config` with seeded random weights; returns its path."""
+    built = vqgan_from_config(config)
+    built.trainer.strategy.connect(built.model)
+    path = str(Path(directory) / "vqgan.ckpt")
+    built.trainer.save_checkpoint(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small stream, short timing (CI smoke run)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: in the main process)")
     parser.add_argument("--vqgan", default=None, help="VQGAN checkpoint for the tokenize benchmark")
+    parser.add_argument(
+        "--vqgan-config",
+        default="configs/vqgan/tiny.yaml",
+        help="without --vqgan: the VQGAN YAML whose random-weight model the tokenize benchmark runs",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--image-size", type=int, default=256, help="tokenize benchmark image side (pixels)")
     parser.add_argument("--images", type=int, default=None, help="tokenize benchmark images (64 quick, 2048 full)")
@@ -151,25 +164,28 @@ def main() -> None:
             "aim_min": 5e6,
         }
     ]
-    if args.vqgan:
-        count = args.images or (64 if args.quick else 2048)
-        results["tokenize"] = bench_tokenize(args.vqgan, args.device, count=count, batch_size=32, size=args.image_size)
-        t = results["tokenize"]
-        say(
-            f"tokenize: encode {t['encode_images_per_s']:.1f} images/s, pipeline {t['pipeline_images_per_s']:.1f}"
-            f" images/s (overhead {t['overhead']:.1%})"
-        )
-        figures.append(
-            {
-                "name": "tokenize pipeline images/s",
-                "unit": "images/s",
-                "ours": t["pipeline_images_per_s"],
-                "reference": t["encode_images_per_s"],
-                "reference_name": "bare encode",
-                "aim_ratio": 0.9,
-            }
-        )
-    write_json(RESULTS, {**results, "figures": figures})
+    count = args.images or (64 if args.quick else 2048)
+    size = 32 if args.quick else args.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.vqgan or random_checkpoint(ROOT / args.vqgan_config, tmp)
+        results["tokenize"] = bench_tokenize(checkpoint, args.device, count=count, batch_size=32, size=size)
+    results["tokenize"]["vqgan"] = args.vqgan or f"{args.vqgan_config} (random weights)"
+    t = results["tokenize"]
+    say(
+        f"tokenize: encode {t['encode_images_per_s']:.1f} images/s, pipeline {t['pipeline_images_per_s']:.1f}"
+        f" images/s (overhead {t['overhead']:.1%})"
+    )
+    figures.append(
+        {
+            "name": f"tokenize pipeline images/s ({size} px)",
+            "unit": "images/s",
+            "ours": t["pipeline_images_per_s"],
+            "reference": t["encode_images_per_s"],
+            "reference_name": "bare encode",
+            "aim_ratio": 0.9,
+        }
+    )
+    write_results("bench_tokens", figures, results)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from bench.common import ROOT, alternate, figure, median, write_results
+from bench.common import ROOT, alternate, figure, median, vqgan_from_config, write_results
 from lvm_pl.console import say
 
 REFERENCE = "diffusers VQModel (amused/MUSE config)"
@@ -68,18 +67,12 @@ def reference_decode(vq: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def our_model(config: Path, device: str) -> nn.Module | None:
     """Our VQGAN module built from the `model:` section of `config`; None while lvm_pl.vqgan or the config is absent."""
     try:
-        from lvm_pl.vqgan.module import VQGAN
+        from lvm_pl.vqgan.module import VQGAN  # noqa: F401
     except ImportError:
         return None
     if not config.exists():
         return None
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser()
-    parser.add_subclass_arguments(VQGAN, "model")
-    section = {"model": yaml.safe_load(config.read_text())["model"]}
-    torch.manual_seed(0)
-    return parser.instantiate(parser.parse_object(section)).model.to(device).eval()
+    return vqgan_from_config(config).model.to(device).eval()
 
 
 def rates(fns: dict[str, Callable[[], Any]], batch_size: int, repeats: int, device: str) -> dict[str, float]:

@@ -30,6 +30,15 @@ RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR", ROOT / "bench" / "results
 VERSIONED = ("torch", "lightning", "transformers", "diffusers", "deepspeed", "numpy")
 
 
+def vqgan_from_config(config: Path, seed: int = 0) -> Any:
+    """The Trainer CLI (not run) for a VQGAN YAML: `.model` is our VQGAN with seeded random weights, built and recorded
+    in its hyper-parameters exactly as `main.py fit` builds it, so `.trainer` can save a checkpoint the CLI loads."""
+    from main import cli
+
+    torch.manual_seed(seed)
+    return cli(["-c", str(config), "--trainer.logger=false", "--trainer.accelerator=cpu", "--data=lightning.pytorch.LightningDataModule"], run=False)
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued kernels, so wall-clock time covers the work (no-op on CPU)."""
     if torch.device(device).type == "cuda":

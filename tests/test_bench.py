@@ -56,6 +56,8 @@ def test_make_bench_prints_one_table_and_writes_summary(tmp_path):
     assert summary["quick"] and summary["header"]["versions"]["torch"] == torch.__version__
     (loader,) = [r for r in summary["rows"] if r["name"] == "packed loader tokens/s"]
     assert loader["met"] == (loader["ours"] >= 5e6)
+    (tokenize,) = [r for r in summary["rows"] if r["name"].startswith("tokenize pipeline images/s")]
+    assert tokenize["reference_name"] == "bare encode" and tokenize["met"] == (tokenize["ratio"] >= 0.9)
     check_figures(summary["rows"])
 
 
