@@ -67,6 +67,36 @@ def test_moving_objects_follow_their_velocity():
             assert np.abs(centroid - expected).max() < 1.0, (t, centroid, expected)
 
 
+def test_fast_moving_objects_bounce_off_the_edges_at_constant_speed():
+    size = 64
+    dm = only("moving", n=8, size=size, sequence_length=(12, 12), moving_speed=(0.1, 0.15))
+    bounced = 0
+    for s in dm.sentences("train"):
+        top = s.meta["objects"][-1]
+        r, positions, velocities = top["r"], np.array(top["positions"]), np.array(top["velocities"])
+        speed = np.linalg.norm(top["velocity"])
+        assert 0.1 * size <= speed <= 0.15 * size
+        assert (positions >= r - 1e-9).all() and (positions <= size - r + 1e-9).all()
+        assert np.allclose(np.abs(velocities), np.abs(top["velocity"]))  # reflections flip signs only
+        bounced += int((np.diff(np.sign(velocities), axis=0) != 0).any())
+        for t in range(1, len(positions)):
+            step = positions[t] - positions[t - 1]
+            free = np.isclose(np.sign(velocities[t]), np.sign(velocities[t - 1]))
+            # an axis without a wall hit moved by exactly its velocity; one with a hit moved less
+            assert np.allclose(step[free], velocities[t][free])
+            assert (np.abs(step[~free]) <= np.abs(velocities[t][~free]) + 1e-9).all()
+        for t, frame in enumerate(s.images):
+            ys, xs = np.nonzero((frame == np.array(top["colour"], np.uint8)).all(-1))
+            centroid = np.array([xs.mean() + 0.5, ys.mean() + 0.5])
+            assert np.abs(centroid - positions[t]).max() < 1.0, (t, centroid, positions[t])
+    assert bounced > 0  # 12 frames at >= 6 px a frame: most shapes meet a wall
+
+
+def test_moving_speed_is_checked():
+    with pytest.raises(UserError, match="moving_speed"):
+        BuiltinSource(moving_speed=(0.2, 0.1))
+
+
 def test_scaling_rotating_recolour_ground_truth():
     for s in only("scaling", size=64).sentences("val"):
         areas = [(x != x[0, 0]).any(-1).sum() for x in s.images]

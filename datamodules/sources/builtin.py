@@ -85,23 +85,42 @@ def _scene(rng: np.random.Generator, size: int, count: int) -> tuple[Frame, list
     return partial(draw.render_shapes, shapes, size, bg), shapes, bg
 
 
-def moving(rng: np.random.Generator, n: int, size: int) -> LazySentence:
-    """1-2 shapes moving with constant velocity, staying inside the frame; meta has each one's per-frame centre."""
+def _bounce(start: float, velocity: float, low: float, high: float, t: int) -> tuple[float, float]:
+    """Position and velocity at frame t of a point moving at `velocity` per frame between walls `low`..`high`,
+    reflected at each wall (a billiard ball)."""
+    span = high - low
+    if span <= 0:
+        return start, 0.0
+    u = (start - low + velocity * t) % (2 * span)  # unfolded path, one period = there and back
+    return (low + u, velocity) if u <= span else (low + 2 * span - u, -velocity)
+
+
+def moving(rng: np.random.Generator, n: int, size: int, speed: tuple[float, float] | None = None) -> LazySentence:
+    """1-2 shapes moving with constant velocity, staying inside the frame; meta has each one's per-frame centre and
+    velocity. `speed` None: each shape travels to a random end point over the sentence; else [low, high] is its speed
+    per frame as a fraction of the image size, and it bounces off the frame's edges."""
     count = int(rng.integers(1, 3))
     bg, colours = draw.contrasting_colours(rng, count)
     objects, frames = [], []
     for c in colours:
         s = _shape_params(rng, size)
-        end = np.array([rng.uniform(s["r"], size - s["r"]), rng.uniform(s["r"], size - s["r"])])
         start = np.array([s["x"], s["y"]])
-        velocity = (end - start) / max(n - 1, 1)
-        positions = [start + velocity * t for t in range(n)]
+        if speed is None:
+            end = np.array([rng.uniform(s["r"], size - s["r"]), rng.uniform(s["r"], size - s["r"])])
+            velocity = (end - start) / max(n - 1, 1)
+            path = [(start + velocity * t, velocity) for t in range(n)]
+        else:
+            heading = rng.uniform(0, 2 * np.pi)
+            velocity = rng.uniform(*speed) * size * np.array([np.cos(heading), np.sin(heading)])
+            axes = [[_bounce(start[a], velocity[a], s["r"], size - s["r"], t) for a in (0, 1)] for t in range(n)]
+            path = [(np.array([x[0], y[0]]), np.array([x[1], y[1]])) for x, y in axes]
         objects.append(
             {
                 **s,
                 "colour": [int(v) for v in c],
                 "velocity": velocity.tolist(),
-                "positions": [p.tolist() for p in positions],
+                "positions": [p.tolist() for p, _ in path],
+                "velocities": [v.tolist() for _, v in path],
             }
         )
     for t in range(n):
@@ -273,7 +292,9 @@ class BuiltinSource(SentenceSource):
 
     `weights` maps family names to mixing weights (missing families are off; None: all equal). `splits` gives the
     number of sentences per split. Lengths are inclusive [low, high] ranges: frames of a sequence, x -> T(x) pairs
-    of an analogy, images of a category.
+    of an analogy, images of a category. `moving_speed` [low, high] (fraction of the image size per frame) makes the
+    `moving` shapes keep that speed and bounce off the edges; null: each crosses to a random end point over the
+    sentence (slow in long sentences).
     """
 
     def __init__(
@@ -283,6 +304,7 @@ class BuiltinSource(SentenceSource):
         sequence_length: tuple[int, int] = (2, 16),
         analogy_pairs: tuple[int, int] = (1, 4),
         category_size: tuple[int, int] = (2, 8),
+        moving_speed: tuple[float, float] | None = None,
     ) -> None:
         weights = dict.fromkeys(FAMILIES, 1.0) if weights is None else dict(weights)
         splits = {"train": 256, "val": 32, "test": 32} if splits is None else dict(splits)
@@ -301,6 +323,8 @@ class BuiltinSource(SentenceSource):
         ):
             if not least <= lo <= hi:
                 raise UserError(f"data.source.{key}: [{lo}, {hi}] must satisfy {least} <= low <= high")
+        if moving_speed is not None and not 0 <= moving_speed[0] <= moving_speed[1]:
+            raise UserError(f"data.source.moving_speed: {list(moving_speed)} must satisfy 0 <= low <= high")
         if category_size[1] > 150:  # the rarest digit class has ~170 samples, drawn without repeats
             raise UserError(f"data.source.category_size: high {category_size[1]} must be <= 150")
         self.names = [k for k, w in weights.items() if w > 0]
@@ -309,6 +333,7 @@ class BuiltinSource(SentenceSource):
         self.splits = splits
         self.lengths = {"sequence": sequence_length, "category": category_size}
         self.analogy_pairs = analogy_pairs
+        self.families = {**FAMILIES, "moving": partial(moving, speed=moving_speed)}
         self.image_size = 0
         self.seed = 0
 
@@ -342,7 +367,7 @@ class BuiltinSource(SentenceSource):
     def lazy(self, split: str, index: int) -> LazySentence:
         """Sentence `index` of `split` with its frames not yet rendered."""
         family, n, rng = self.plan(split, index)
-        s = FAMILIES[family](rng, n, self.image_size)
+        s = self.families[family](rng, n, self.image_size)
         s.meta.update(family=family, split=split, index=index)
         return s
 
