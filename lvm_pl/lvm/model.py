@@ -25,6 +25,9 @@ class LLaMA(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from the embedding
         self.activation_checkpointing = False
+        # cos, sin [block_size, head_size]: one table per device, built on first use (not a buffer, so a model built
+        # on the meta device and materialised later never holds an uninitialised table)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -58,6 +61,15 @@ class LLaMA(nn.Module):
         for block in self.layers:
             block.self_attn.kv_cache = None
 
+    def rope(self, pos: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, head_size] at positions `pos` [T] (an int T: positions 0..T-1, a view of the table)."""
+        device = self.embed_tokens.weight.device
+        if self._rope is None or self._rope[0].device != device:
+            positions = torch.arange(self.config.block_size, device=device)
+            self._rope = rope_cache(positions, self.config.head_size, self.config.rope_base)
+        cos, sin = self._rope
+        return (cos[:pos], sin[:pos]) if isinstance(pos, int) else (cos[pos], sin[pos])
+
     @property
     def has_kv_cache(self) -> bool:
         return self.layers[0].self_attn.kv_cache is not None
@@ -76,18 +88,16 @@ class LLaMA(nn.Module):
             cache_len = self.layers[0].self_attn.kv_cache.k.shape[2]
             # [T, S] boolean: query at position p sees cached positions <= p
             mask = torch.arange(cache_len, device=idx.device)[None, :] <= input_pos[:, None]
-            pos = input_pos
+            cos, sin = self.rope(input_pos)
         else:
             if seq_len > self.config.block_size:
                 raise ValueError(f"sequence of {seq_len} tokens exceeds block_size={self.config.block_size}")
-            pos = torch.arange(seq_len, device=idx.device)
+            cos, sin = self.rope(seq_len)
             mask = None
             if doc_ids is not None:
                 causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=idx.device).tril()
                 same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
                 mask = (causal & same_doc)[:, None]  # [B, 1, T, T], broadcast over heads
-        cos, sin = rope_cache(pos, self.config.head_size, self.config.rope_base)
-
         x = self.embed_tokens(idx)  # [B, T, C]
         for block in self.layers:
             if self.activation_checkpointing and self.training:
