@@ -4,9 +4,9 @@ python -m bench.bench_vqgan [--quick] [--config configs/vqgan/muse_f16_8192.yaml
 
 Both are the MUSE VQGAN architecture (f=16, 8192 codes; diffusers' amused `VQModel` config), timed side by side in
 one process with calls alternating. Encode is everything from pixels to ids (diffusers: encoder, quant_conv, nearest
-code); decode everything from ids to pixels (codebook lookup, post_quant_conv, decoder). Until a diffusers converter
-exists both models hold their own random weights (speed does not depend on the values). Where `lvm_pl.vqgan` or the
-config is missing, only the reference is measured and our figures are empty. Results: bench/results/bench_vqgan.json.
+code); decode everything from ids to pixels (codebook lookup, post_quant_conv, decoder). The reference holds our
+model's weights, converted by `lvm_pl.interop.diffusers_vq.to_diffusers`, and the run checks that both give the same
+ids and images. Results: bench/results/bench_vqgan.json.
 """
 
 from __future__ import annotations
@@ -23,31 +23,7 @@ from torch import nn
 from bench.common import ROOT, alternate, figure, median, vqgan_from_config, write_results
 from lvm_pl.console import say
 
-REFERENCE = "diffusers VQModel (amused/MUSE config)"
-# diffusers' VQModel arguments of the MUSE VQGAN that LVM tokenizes with (diffusers' scripts/convert_amused.py)
-MUSE_VQMODEL = dict(
-    act_fn="silu",
-    block_out_channels=[128, 256, 256, 512, 768],
-    down_block_types=["DownEncoderBlock2D"] * 5,
-    up_block_types=["UpDecoderBlock2D"] * 5,
-    in_channels=3,
-    out_channels=3,
-    latent_channels=64,
-    layers_per_block=2,
-    norm_num_groups=32,
-    num_vq_embeddings=8192,
-    sample_size=32,
-    mid_block_add_attention=False,
-    lookup_from_codebook=True,
-)
-
-
-def reference_model(device: str) -> nn.Module:
-    """diffusers' VQModel with the MUSE architecture, seeded random weights, eval mode."""
-    from diffusers import VQModel
-
-    torch.manual_seed(0)
-    return VQModel(**MUSE_VQMODEL).to(device).eval()
+REFERENCE = "diffusers VQModel (same weights)"
 
 
 def reference_encode(vq: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -64,15 +40,13 @@ def reference_decode(vq: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return vq.decode(ids.flatten(), force_not_quantize=True, shape=shape).sample
 
 
-def our_model(config: Path, device: str) -> nn.Module | None:
-    """Our VQGAN module built from the `model:` section of `config`; None while lvm_pl.vqgan or the config is absent."""
-    try:
-        from lvm_pl.vqgan.module import VQGAN  # noqa: F401
-    except ImportError:
-        return None
-    if not config.exists():
-        return None
-    return vqgan_from_config(config).model.to(device).eval()
+def models(config: Path, device: str) -> tuple[nn.Module, nn.Module]:
+    """Our VQGAN module from the `model:` section of `config` (seeded random weights), and diffusers' `VQModel` holding
+    the same weights (converted by `lvm_pl.interop.diffusers_vq.to_diffusers`), both in eval mode on `device`."""
+    from lvm_pl.interop.diffusers_vq import to_diffusers
+
+    ours = vqgan_from_config(config).model.eval()
+    return ours.to(device), to_diffusers(ours).to(device)
 
 
 def rates(fns: dict[str, Callable[[], Any]], batch_size: int, repeats: int, device: str) -> dict[str, float]:
@@ -99,16 +73,16 @@ def main() -> None:
     images = torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1  # [B, 3, H, W]
     ids = torch.randint(0, 8192, (args.batch_size, size // 16, size // 16), device=device)  # [B, h, w]
 
-    ref = reference_model(device)
-    ours = our_model(ROOT / args.config, device)
-    note = "random weights in both (no converter yet)"
-    encode = {"reference": lambda: reference_encode(ref, images)}
-    decode = {"reference": lambda: reference_decode(ref, ids)}
-    if ours is None:
-        note = f"lvm_pl.vqgan or {args.config} not landed yet: reference only"
-    else:
-        encode["ours"] = lambda: ours.encode(images)
-        decode["ours"] = lambda: ours.decode(ids)
+    ours, ref = models(ROOT / args.config, device)
+    with torch.inference_mode():
+        agree = {
+            "encode_ids_equal": bool(torch.equal(ours.encode(images), reference_encode(ref, images))),
+            "decode_max_abs_diff": float((ours.decode(ids) - reference_decode(ref, ids).clamp(-1, 1)).abs().max()),
+        }
+    say(f"vqgan ours vs diffusers with the same weights: {agree}")
+    note = "same weights (ours converted by lvm_pl.interop.diffusers_vq)"
+    encode = {"ours": lambda: ours.encode(images), "reference": lambda: reference_encode(ref, images)}
+    decode = {"ours": lambda: ours.decode(ids), "reference": lambda: reference_decode(ref, ids)}
     with torch.inference_mode(), autocast:
         enc = rates(encode, args.batch_size, args.repeats, device)
         dec = rates(decode, args.batch_size, args.repeats, device)
@@ -118,10 +92,10 @@ def main() -> None:
     label = f"{size}x{size}, B={args.batch_size}"
     figures = [
         figure(
-            f"VQGAN encode images/s ({label})", "images/s", enc.get("ours"), enc["reference"], REFERENCE, 1.0, note=note
+            f"VQGAN encode images/s ({label})", "images/s", enc["ours"], enc["reference"], REFERENCE, 1.0, note=note
         ),
         figure(
-            f"VQGAN decode images/s ({label})", "images/s", dec.get("ours"), dec["reference"], REFERENCE, 1.0, note=note
+            f"VQGAN decode images/s ({label})", "images/s", dec["ours"], dec["reference"], REFERENCE, 1.0, note=note
         ),
     ]
     details = {
@@ -130,11 +104,11 @@ def main() -> None:
         "repeats": args.repeats,
         "device": device,
         "config": args.config,
-        "reference_config": MUSE_VQMODEL,
-        "ours_measured": ours is not None,
+        "reference_config": dict(ref.config),
         "encode_images_per_s": enc,
         "decode_images_per_s": dec,
         "weights": note,
+        "agreement": agree,
     }
     write_results("bench_vqgan", figures, details)
 

@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,10 @@ def vqgan_from_config(config: Path, seed: int = 0) -> Any:
     from main import cli
 
     torch.manual_seed(seed)
-    return cli(["-c", str(config), "--trainer.logger=false", "--trainer.accelerator=cpu", "--data=lightning.pytorch.LightningDataModule"], run=False)
+    args = ["-c", str(config), "--trainer.logger=false", "--trainer.accelerator=cpu"]
+    with warnings.catch_warnings():  # the script's own sys.argv (its flags) is not meant for this CLI
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return cli([*args, "--data=lightning.pytorch.LightningDataModule"], run=False)  # a VQGAN config has no data
 
 
 def synchronize(device: torch.device | str) -> None:

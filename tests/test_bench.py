@@ -112,16 +112,18 @@ def test_train_flops_formula_matches_the_counter_and_twins_agree():
         torch.testing.assert_close(ours(idx), hf_twin(ours).eval()(input_ids=idx).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_vqgan_reference_round_trip_shapes():
-    from bench.bench_vqgan import reference_decode, reference_encode, reference_model
+def test_vqgan_reference_holds_our_weights_and_does_the_whole_job(repo_root):
+    from bench.bench_vqgan import models, reference_decode, reference_encode
 
-    vq = reference_model("cpu")
+    ours, vq = models(repo_root / "configs/vqgan/muse_f16_8192.yaml", "cpu")
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.inference_mode():
         ids = reference_encode(vq, images)
         latents = vq.encode(images).latents.permute(0, 2, 3, 1)  # [B, h, w, C]
         nearest = torch.cdist(latents.flatten(0, 2), vq.quantize.embedding.weight).argmin(-1)
         decoded = reference_decode(vq, ids)
+        assert torch.equal(ids, ours.encode(images))
+        torch.testing.assert_close(decoded.clamp(-1, 1), ours.decode(ids), atol=1e-4, rtol=0)
     assert ids.shape == (2, 2, 2)
     torch.testing.assert_close(ids.flatten(), nearest)  # ids are the nearest codes: encode did the whole job
     assert decoded.shape == (2, 3, 32, 32)

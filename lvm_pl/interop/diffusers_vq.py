@@ -70,6 +70,7 @@ def diffusers_config(ae_args: dict[str, Any], codebook_size: int) -> dict[str, A
         "vq_embed_dim": ae_args["embed_dim"],
         "norm_type": "group",
         "mid_block_add_attention": ae_args["mid_attention"],
+        "lookup_from_codebook": True,  # decode(ids, force_not_quantize=True) looks ids up, as the amused config does
     }
 
 
@@ -89,27 +90,33 @@ def _check_exportable(model: VQGAN) -> None:
         raise UserError("model.quantizer.normalize=true: diffusers' VectorQuantizer has no cosine lookup")
 
 
-def export_diffusers(checkpoint: str, out_dir: str) -> None:
-    """Write a VQGAN checkpoint as a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors).
-
-    The autoencoder used for encode/decode (the EMA copy when there is one) is exported; the directory appears whole
-    or not at all (written in a temporary sibling, then renamed).
-    """
+def to_diffusers(model: VQGAN) -> torch.nn.Module:
+    """diffusers' `VQModel` holding (fp32 copies of) the weights `model` encodes and decodes with (its EMA copy when
+    it has one); UserError names the first option VQModel cannot express."""
     from diffusers import VQModel
 
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"out_dir={out_dir}: exists and is not empty; choose a new directory")
-    model = load_tokenizer(checkpoint)
     _check_exportable(model)
     ae = model._eval_autoencoder()
     ref = VQModel(**diffusers_config(autoencoder_args(ae), model.codebook_size))
     state = {k: v.detach().float() for k, v in ae.state_dict().items()}
     state[DIFFUSERS_CODEBOOK] = model.quantizer.embedding.weight.detach().float()
     ref.load_state_dict(state)  # strict: a name or shape that does not map is a bug here, not a user error
+    return ref.eval()
+
+
+def export_diffusers(checkpoint: str, out_dir: str) -> None:
+    """Write a VQGAN checkpoint as a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors).
+
+    The autoencoder used for encode/decode (the EMA copy when there is one) is exported; the directory appears whole
+    or not at all (written in a temporary sibling, then renamed).
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"out_dir={out_dir}: exists and is not empty; choose a new directory")
+    ref = to_diffusers(load_tokenizer(checkpoint))
     with atomic_dir(out) as tmp:
         ref.save_pretrained(tmp, safe_serialization=True)
-    say(f"exported {checkpoint} -> {out_dir} ({sum(v.numel() for v in state.values()):,} parameters)")
+    say(f"exported {checkpoint} -> {out_dir} ({sum(p.numel() for p in ref.parameters()):,} parameters)")
 
 
 def _read_diffusers_config(path: Path) -> dict[str, Any]:
