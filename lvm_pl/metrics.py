@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from lvm_pl.console import UserError
+
+# torch-fidelity's InceptionV3 (the TF FID network): torch hub caches it under this name; it is never downloaded here
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -40,3 +47,30 @@ def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     cxy = blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1).float()
+
+
+def inception_weights(path: str | None) -> tuple[Path | None, str]:
+    """The FID Inception weights to use and, when there are none, why: an explicit `path` must exist (UserError
+    otherwise); without one, torch hub's cache is looked in. Also None when torch-fidelity is not installed."""
+    from lvm_pl.vqgan.perceptual import hub_checkpoint_dir
+
+    if path is not None and not Path(path).expanduser().is_file():
+        raise UserError(f"model.init_args.fid_weights={path}: no such file (torch-fidelity's {INCEPTION_FILE})")
+    found = Path(path).expanduser() if path is not None else hub_checkpoint_dir() / INCEPTION_FILE
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        return None, "rfid skipped: torch-fidelity is not installed"
+    if not found.is_file():
+        return None, (
+            f"rfid skipped: FID Inception weights {found} not found (copy torch-fidelity's {INCEPTION_FILE} there,"
+            " or set model.init_args.fid_weights)"
+        )
+    return found, ""
+
+
+def frechet_inception_distance(weights: Path) -> torch.nn.Module:
+    """torchmetrics' FID (2048-d pool features of the TF Inception, images in [0, 1]) on weights read from `weights`."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))

@@ -103,6 +103,67 @@ def test_test_stage_writes_json(fitted, repo_root):
     assert any("rfid" in n for n in results["notes"])
 
 
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """torch-fidelity's Inception with random weights, saved under the name of the real weights file."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    from lvm_pl.metrics import INCEPTION_FILE
+
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.manual_seed(0)
+    for m in net.modules():  # variance-keeping init, so the random features are not all ~0
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("hub") / INCEPTION_FILE
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_test_stage_computes_rfid_with_local_inception_weights(fitted, repo_root, inception_file):
+    _, ckpt = fitted
+    run = cli(
+        ["test", *_args(repo_root), f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=2"]
+        + [f"--model.init_args.fid_weights={inception_file}"]
+    )
+    results = json.loads(Path(run.trainer.log_dir, "test_results.json").read_text())
+    assert results["rfid"] >= 0 and not any("rfid" in n for n in results["notes"])
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift(inception_file):
+    from lvm_pl.metrics import frechet_inception_distance
+
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 32, 32)
+    scores = []
+    for other in (images, (images * 0.5 + 0.5)):
+        fid = frechet_inception_distance(inception_file)
+        fid.update(images, real=True)
+        fid.update(other, real=False)
+        scores.append(float(fid.compute()))
+    assert abs(scores[0]) < 1e-2 and scores[1] > scores[0] + 1e-3
+
+
+def test_missing_fid_weights_file_is_named(tmp_path):
+    from lvm_pl.metrics import inception_weights
+
+    with pytest.raises(UserError, match="fid_weights=.*nope.pth: no such file"):
+        inception_weights(str(tmp_path / "nope.pth"))
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("TORCH_HOME", str(tmp_path))
+    try:
+        weights, note = inception_weights(None)
+    finally:
+        monkey.undo()
+    assert weights is None and str(tmp_path) in note and "fid_weights" in note
+
+
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(UserError, match="missing.ckpt"):
         load_tokenizer(tmp_path / "missing.ckpt")

@@ -17,7 +17,7 @@ from lvm_pl.atomic import write_json
 from lvm_pl.console import UserError, say
 from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.images import grid, to_uint8
-from lvm_pl.metrics import psnr, ssim
+from lvm_pl.metrics import frechet_inception_distance, inception_weights, psnr, ssim
 from lvm_pl.vqgan.autoencoder import Autoencoder
 from lvm_pl.vqgan.losses import VQGANLoss
 from lvm_pl.vqgan.quantizers import Quantizer
@@ -42,12 +42,17 @@ class VQGAN(LightningModule):
         image_log_every_n_steps: int = 500,
         num_logged_images: int = 8,
         non_finite: NonFinitePolicy = "stop",
+        fid_weights: str | None = None,
     ):
         """`disc_lr`/`disc_betas` default to the autoencoder's; `ema_decay` keeps an EMA copy of the autoencoder
         that validation, test, predict and export use. `non_finite`: a NaN/Inf loss term stops the run naming the
-        step and term (`stop`), or that step's update is dropped (`skip`)."""
+        step and term (`stop`), or that step's update is dropped (`skip`). `fid_weights`: torch-fidelity's Inception
+        weights for the test's rFID (default: torch hub's cache; without them rFID is skipped with a note)."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["fid_weights"])  # a run-time input: the test command decides
+        self.fid_weights = fid_weights
+        self._fid: torch.nn.Module | None = None
+        self._fid_note = ""
         if autoencoder.embed_dim != quantizer.embed_dim:
             raise UserError(
                 f"model.init_args.quantizer.init_args.embed_dim={quantizer.embed_dim} must equal the autoencoder's "
@@ -172,6 +177,8 @@ class VQGAN(LightningModule):
     def on_test_epoch_start(self) -> None:
         self._eval_counts = None
         self._test_sums = {}
+        weights, self._fid_note = inception_weights(self.fid_weights)
+        self._fid = frechet_inception_distance(weights).to(self.device) if weights is not None else None
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         images, recon, _ = self._evaluate(batch)
@@ -179,6 +186,9 @@ class VQGAN(LightningModule):
         lp = self.loss.perceptual_distance(images, recon) if self._lpips_pretrained() else None
         if lp is not None:
             values["lpips"] = lp
+        if self._fid is not None:
+            self._fid.update((images.float() + 1) / 2, real=True)
+            self._fid.update((recon.float() + 1) / 2, real=False)
         for k, v in values.items():
             self._test_sums[k] = self._test_sums.get(k, 0.0) + v.double().sum()
         self._test_sums["count"] = self._test_sums.get("count", 0.0) + torch.tensor(
@@ -198,7 +208,11 @@ class VQGAN(LightningModule):
         notes = []
         if "lpips" not in results:
             notes.append("lpips skipped: needs the pretrained VGG16 backbone (perceptual pretrained: true)")
-        notes.append("rfid skipped: torchmetrics FID needs torch-fidelity's Inception weights, not available offline")
+        if self._fid is not None:
+            results["rfid"] = float(self._fid.compute())  # torchmetrics gathers every rank's statistics
+            self._fid = None
+        else:
+            notes.append(self._fid_note)
         results["notes"] = notes
         self.log_dict({f"test/{k}": float(v) for k, v in results.items() if isinstance(v, float)})
         if self.trainer.is_global_zero:
