@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 
 import numpy as np
 import pytest
@@ -90,6 +91,13 @@ def test_fast_moving_objects_bounce_off_the_edges_at_constant_speed():
             centroid = np.array([xs.mean() + 0.5, ys.mean() + 0.5])
             assert np.abs(centroid - positions[t]).max() < 1.0, (t, centroid, positions[t])
     assert bounced > 0  # 12 frames at >= 6 px a frame: most shapes meet a wall
+
+
+def test_a_configured_source_pickles_for_spawned_workers():
+    # ddp_spawn and DataLoader workers pickle the datamodule: the source must hold data, not closures
+    dm = only("moving", n=4, sequence_length=(4, 4), moving_speed=(0.1, 0.15))
+    again = pickle.loads(pickle.dumps(dm))
+    assert [digest(s) for s in again.sentences("train")] == [digest(s) for s in dm.sentences("train")]
 
 
 def test_moving_speed_is_checked():
