@@ -65,6 +65,14 @@ def test_loss_falls_when_overfitting_a_tiny_batch(tmp_path):
     assert final < 0.5 * math.log(LAYOUT.vocab_size), final  # uniform guessing is log(V) = 3.6
 
 
+def test_training_windows_shorter_than_the_context_are_warned_about():
+    data = RandomTokenData(seq_len=16)
+    data.seq_len = 16  # as TokenDataModule has it; the model's block_size is 64
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match="data.seq_len=16 is shorter than the model's block_size=64"):
+        trainer.fit(small_lvm(), data)
+
+
 def test_config_vocab_that_contradicts_the_layout_is_a_user_error():
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(UserError, match="vocab_size=8292.*needs vocabulary 36"):

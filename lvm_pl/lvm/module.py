@@ -200,6 +200,15 @@ class LVM(LightningModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
 
+    def on_fit_start(self) -> None:
+        seq_len = getattr(self.trainer.datamodule, "seq_len", None)
+        if isinstance(seq_len, int) and seq_len < self.config.block_size:
+            warn(
+                f"data.seq_len={seq_len} is shorter than the model's block_size={self.config.block_size}: positions"
+                " past the training window are never trained, yet test and predict fill the whole block_size;"
+                f" set model.model_overrides.block_size to {seq_len}"
+            )
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         batch = self.token_batch(batch)
         loss, _ = self._loss(batch)
