@@ -153,6 +153,8 @@ def workdir(tiny_assets, tmp_path, monkeypatch):
         "data/tokens/train": tiny_assets["shards"] / "train",
         "data/tokens/val": tiny_assets["shards"] / "val",
         "data/tokens/test": tiny_assets["shards"] / "val",
+        "data/tokens_long/train": tiny_assets["shards"] / "train",  # configs/demo/lvm_long.yaml's shards
+        "data/tokens_long/val": tiny_assets["shards"] / "val",
         "data/images": tiny_assets["folder"],
         "data/videos": tiny_assets["videos"],
         "prompts.yaml": tiny_assets["prompts_file"],

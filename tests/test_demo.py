@@ -18,7 +18,11 @@ def in_repo_layout(repo_root, tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("stage", demo.STAGES, ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "stage",
+    [s for v in (demo.DEFAULT, demo.LONG) for s in demo.stages(v)],
+    ids=[f"{v.name}-{s.name}" for v in (demo.DEFAULT, demo.LONG) for s in demo.stages(v)],
+)
 def test_every_stage_is_a_valid_command(stage, in_repo_layout, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli([*shlex.split(stage.args), "--print_config"])
@@ -45,3 +49,39 @@ def test_fmt_finds_keys_at_any_depth():
     results = {"target_perplexity": {"all": {"perplexity": 12.5}}, "psnr": 21.25, "notes": ["x"]}
     assert demo.fmt(results, ("psnr", "perplexity", "missing")) == "psnr=21.25, perplexity=12.5"
     assert demo.fmt({}, ("psnr",)) == "(not available)"
+
+
+def test_the_long_variant_keeps_its_own_runs_and_shards():
+    long, default = demo.stages(demo.LONG), demo.stages(demo.DEFAULT)
+    assert [s.name for s in long] == [s.name for s in default]
+    for stage in long:
+        assert "runs/vqgan_tiny/" not in stage.args and "runs/lvm_tiny/" not in stage.args
+        assert "data/tokens/" not in stage.args
+
+
+@pytest.mark.parametrize("variant", [demo.DEFAULT, demo.LONG], ids=lambda v: v.name)
+def test_the_lvm_trains_on_the_shards_its_variant_writes(variant, in_repo_layout, capsys):
+    (fit,) = [s for s in demo.stages(variant) if s.name == "lvm_fit"]
+    with pytest.raises(SystemExit):
+        cli([*shlex.split(fit.args), "--print_config"])
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert (data["train"], data["val"]) == (f"{variant.tokens}/train", f"{variant.tokens}/val")
+
+
+def test_summary_states_the_quality_bar_with_its_figures(in_repo_layout):
+    lvm = {"next_frame": {"sequence": {"predicted_psnr": 19.0, "copy_last_psnr": 17.5, "reconstruction_psnr": 23.0}}}
+    rows = [{"context_frames": 1, "perplexity": 10.0}, {"context_frames": 2, "perplexity": 9.0}]
+    assert "beat copy-the-last-frame: yes (19.00 vs 17.50 dB)" in demo.verdict(lvm, rows)[0]
+    worse = {"next_frame": {"sequence": {**lvm["next_frame"]["sequence"], "predicted_psnr": 16.0}}}
+    lines = demo.verdict(worse, rows)
+    assert "NO (16.00 vs 17.50 dB)" in lines[0] and "falls with context: yes (10.00 -> 9.00)" in lines[0]
+    assert "--long true" in lines[1]  # the default run points at the long one
+    assert "--long true" not in demo.verdict(worse, rows, demo.LONG)[1]
+
+
+def test_the_readme_shows_the_commands_the_demo_runs(repo_root):
+    text = (repo_root / "README.md").read_text().replace("\\\n", " ")
+    shown = " ".join(" ".join(line.split()) for line in text.splitlines() if line.startswith("python main.py"))
+    for stage in demo.STAGES:
+        if stage.name != "tokenize_val":  # the README says "the same with `val`"
+            assert f"python main.py {' '.join(stage.args.split())}" in shown, stage.name
