@@ -72,3 +72,31 @@ def test_muse_config_parameter_count(repo_root):
     assert sum(p.numel() for p in ref.parameters()) == 146_244_675
     assert count == 146_244_675
     assert ours.downsample_factor == 16
+
+
+def _latents_changed(encoder_norm: str) -> tuple[bool, bool]:
+    """Change one corner pixel of a 64 px image: does the latent next to it change, and the one at the far corner?"""
+    torch.manual_seed(0)
+    ae = Autoencoder([8, 16, 16], 1, 4, None, 4, [], False, encoder_norm=encoder_norm).eval()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    y = x.clone()
+    y[:, :, 0, 0] = -x[:, :, 0, 0]
+    with torch.no_grad():
+        a, b = ae.encode(x), ae.encode(y)
+    diff = (a - b).abs().amax(1)[0]  # [16, 16]
+    return bool(diff[0, 0] > 0), bool(diff[-1, -1] > 0)
+
+
+def test_position_norm_keeps_latents_local_and_group_norm_does_not():
+    # GroupNorm statistics span the image, so one pixel moves every latent; PositionNorm's span the channels at a
+    # position, so latents outside the pixel's receptive field stay exactly equal (stable tokens for video)
+    assert _latents_changed("group") == (True, True)
+    assert _latents_changed("position") == (True, False)
+
+
+def test_position_norm_has_group_norm_parameter_names():
+    group = Autoencoder([8, 16], 1, 4, None, 4, [], False)
+    position = Autoencoder([8, 16], 1, 4, None, 4, [], False, encoder_norm="position")
+    assert group.state_dict().keys() == position.state_dict().keys()
+    with pytest.raises(ValueError, match="encoder_norm"):
+        Autoencoder([8, 16], 1, 4, None, 4, [], False, encoder_norm="batch")

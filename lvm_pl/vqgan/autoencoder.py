@@ -214,6 +214,26 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
+class PositionNorm(nn.GroupNorm):
+    """Normalisation over the channels at each position (GroupNorm's parameters, LayerNorm's statistics): unlike
+    GroupNorm, whose statistics span the whole image, a latent then depends only on its receptive field."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = x.var(1, unbiased=False, keepdim=True)
+        normed = (x - mean) * torch.rsqrt(var + self.eps)
+        return normed * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def _position_norms(module: nn.Module) -> None:
+    """Replace every GroupNorm inside `module` by a PositionNorm of the same width (same parameter names)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm):
+            setattr(module, name, PositionNorm(1, child.num_channels, eps=child.eps))
+        else:
+            _position_norms(child)
+
+
 class Autoencoder(nn.Module):
     """Encoder + 1x1 `quant_conv` to the code space, 1x1 `post_quant_conv` back + decoder (VQModel's layout)."""
 
@@ -228,14 +248,21 @@ class Autoencoder(nn.Module):
         mid_attention: bool = False,
         in_channels: int = 3,
         out_channels: int = 3,
+        encoder_norm: str = "group",
     ):
-        """`embed_dim` is the quantizer's input width (diffusers' `vq_embed_dim`; defaults to `latent_channels`)."""
+        """`embed_dim` is the quantizer's input width (diffusers' `vq_embed_dim`; defaults to `latent_channels`).
+        `encoder_norm`: "group" (diffusers' layout) or "position" (the encoder's norms take statistics over the
+        channels at each position, so a token depends on its receptive field only: stabler tokens across frames)."""
         super().__init__()
         attention_levels = list(attention_levels or [])
         self.embed_dim = embed_dim or latent_channels
         self.downsample_factor = 2 ** (len(block_out_channels) - 1)
         args = (latent_channels, block_out_channels, layers_per_block, norm_num_groups, attention_levels, mid_attention)
         self.encoder = Encoder(in_channels, *args)
+        if encoder_norm == "position":
+            _position_norms(self.encoder)
+        elif encoder_norm != "group":
+            raise ValueError(f"encoder_norm: {encoder_norm!r} is not 'group' or 'position'")
         self.quant_conv = nn.Conv2d(latent_channels, self.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(self.embed_dim, latent_channels, 1)
         self.decoder = Decoder(out_channels, *args)
