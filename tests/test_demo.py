@@ -18,11 +18,10 @@ def in_repo_layout(repo_root, tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize(
-    "stage",
-    [s for v in (demo.DEFAULT, demo.LONG) for s in demo.stages(v)],
-    ids=[f"{v.name}-{s.name}" for v in (demo.DEFAULT, demo.LONG) for s in demo.stages(v)],
-)
+ALL_STAGES = {f"{v.name}-{s.name}": s for v in (demo.DEFAULT, demo.LONG) for s in demo.stages(v)}
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES.values(), ids=ALL_STAGES.keys())
 def test_every_stage_is_a_valid_command(stage, in_repo_layout, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli([*shlex.split(stage.args), "--print_config"])

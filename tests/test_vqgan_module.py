@@ -150,17 +150,13 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift(inception_file)
     assert abs(scores[0]) < 1e-2 and scores[1] > scores[0] + 1e-3
 
 
-def test_missing_fid_weights_file_is_named(tmp_path):
+def test_missing_fid_weights_file_is_named(tmp_path, monkeypatch):
     from lvm_pl.metrics import inception_weights
 
     with pytest.raises(UserError, match="fid_weights=.*nope.pth: no such file"):
         inception_weights(str(tmp_path / "nope.pth"))
-    monkey = pytest.MonkeyPatch()
-    monkey.setenv("TORCH_HOME", str(tmp_path))
-    try:
-        weights, note = inception_weights(None)
-    finally:
-        monkey.undo()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights, note = inception_weights(None)
     assert weights is None and str(tmp_path) in note and "fid_weights" in note
 
 

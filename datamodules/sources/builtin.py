@@ -333,7 +333,8 @@ class BuiltinSource(SentenceSource):
         self.splits = splits
         self.lengths = {"sequence": sequence_length, "category": category_size}
         self.analogy_pairs = analogy_pairs
-        self.moving_speed = moving_speed  # plain data, no closures: the source is pickled to spawned workers
+        # keyword options per family, kept as plain data (no closures): the source is pickled to spawned workers
+        self.family_options = {"moving": {"speed": moving_speed}}
         self.image_size = 0
         self.seed = 0
 
@@ -367,10 +368,7 @@ class BuiltinSource(SentenceSource):
     def lazy(self, split: str, index: int) -> LazySentence:
         """Sentence `index` of `split` with its frames not yet rendered."""
         family, n, rng = self.plan(split, index)
-        if family == "moving":
-            s = moving(rng, n, self.image_size, self.moving_speed)
-        else:
-            s = FAMILIES[family](rng, n, self.image_size)
+        s = FAMILIES[family](rng, n, self.image_size, **self.family_options.get(family, {}))
         s.meta.update(family=family, split=split, index=index)
         return s
 
