@@ -10,7 +10,10 @@ import importlib
 import pickle
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -43,13 +46,63 @@ class LVMCLI(LightningCLI):
         main_kwargs.setdefault("epilog", "other commands: " + ", ".join(sorted(COMMANDS)) + " (each with --help)")
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
 
+    def parse_arguments(self, parser, args) -> None:
+        check_renamed_keys(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI torch.loads --ckpt_path itself (for its hyper-parameters) before the Trainer's checkpoint IO
+        """LightningCLI's own reading of --ckpt_path's hyper-parameters into the config (before the Trainer's
+        checkpoint IO), with unreadable files named and a flat-argument LVM's hyper-parameters migrated."""
+        if not self.config.get("subcommand"):
+            return
+        path = self.config[self.config.subcommand].get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return
         try:
-            super()._parse_ckpt_path()
+            hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
             raise UserError(f"ckpt_path={path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            class_path = hparams.pop("_class_path")
+            if class_path.endswith(".LVM"):
+                from lvm_pl.lvm.module import migrate_hparams
+
+                hparams = migrate_hparams(hparams)
+            hparams = {"class_path": class_path, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
+
+def check_renamed_keys(args: list[str]) -> None:
+    """Refuse, in one line naming the new key, an LVM argument that a config file or flag gives by its old name."""
+    from lvm_pl.lvm.module import RENAMED
+
+    def refuse(where: str, old: str) -> None:
+        new = RENAMED[old]
+        instead = f"model.init_args.{new}" if new else "nothing: the vocabulary comes from the token layout"
+        raise UserError(f"{where}: model.init_args.{old} is no longer an LVM argument; use {instead}")
+
+    model_class, flags = "", []
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args) and Path(args[i + 1]).is_file():
+            try:
+                config = yaml.safe_load(Path(args[i + 1]).read_text()) or {}
+            except yaml.YAMLError:
+                continue  # the parser reports it
+            model = config.get("model") if isinstance(config, dict) else None
+            model_class = str(model.get("class_path", model_class)) if isinstance(model, dict) else model_class
+            init = model.get("init_args") if isinstance(model, dict) else None
+            if isinstance(init, dict) and model_class.endswith(".LVM"):
+                for old in sorted(init.keys() & RENAMED.keys()):
+                    refuse(args[i + 1], old)
+        elif arg.startswith("--model."):
+            flags.append(arg.split("=", 1)[0])
+    for flag in flags if model_class.endswith(".LVM") else []:
+        key = flag.removeprefix("--model.").removeprefix("init_args.")
+        if key in RENAMED:
+            refuse(flag, key)
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> LVMCLI:

@@ -13,15 +13,16 @@ from typing import Any
 import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from lvm_pl import images as image_utils
 from lvm_pl.atomic import save_image
+from lvm_pl.batches import Generated
 from lvm_pl.console import say
+from lvm_pl.tensorboard import tensorboard
 
 
 class ImageWriter(BasePredictionWriter):
-    """Prediction writer for visual prompting: `predict_batch`'s dict -> PNG files, optionally TensorBoard images.
+    """Prediction writer for visual prompting: the LVM's `Generated` -> PNG files, optionally TensorBoard images.
 
     `frames`: also write each generated frame alone. `tensorboard`: add each grid to the TensorBoard logger. The
     progress bar shows generated tokens per second of generation time.
@@ -44,21 +45,19 @@ class ImageWriter(BasePredictionWriter):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        prediction: dict[str, Any],
+        prediction: Generated,
         batch_indices: Any,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        prompt = image_utils.to_uint8(prediction["prompt"])  # [B, N, H, W, 3]
-        generated = image_utils.to_uint8(prediction["generated"])  # [B, n, F, H, W, 3]
-        truth = image_utils.to_uint8(prediction["truth"]) if "truth" in prediction else None
-        counts = {
-            key: prediction[key].tolist() if key in prediction else [0] * len(prompt)
-            for key in ("num_prompt", "num_frames", "num_truth")
-        }
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        for b, name in enumerate(prediction["name"]):
+        prompts = prediction.prompts
+        prompt = image_utils.to_uint8(prompts.prompt)  # [B, N, H, W, 3]
+        generated = image_utils.to_uint8(prediction.images)  # [B, n, F, H, W, 3]
+        truth = image_utils.to_uint8(prompts.truth)  # [B, M, H, W, 3]
+        counts = {key: getattr(prompts, key).tolist() for key in ("num_prompt", "num_frames", "num_truth")}
+        writer = tensorboard(trainer.loggers) if self.tensorboard else None
+        for b, name in enumerate(prompts.names):
             n_prompt, n_frames, n_truth = counts["num_prompt"][b], counts["num_frames"][b], counts["num_truth"][b]
             rows = []
             for c in range(generated.shape[1]):
@@ -73,10 +72,10 @@ class ImageWriter(BasePredictionWriter):
             picture = image_utils.grid(rows)
             save_image(self.output_dir / f"{name}.png", image_utils.to_pil(picture))
             self.written["grids"] += 1
-            if self.tensorboard and logger is not None:
-                logger.experiment.add_image(f"predict/{name}", picture, 0, dataformats="HWC")
-        self._tokens += int(prediction["num_tokens"])
-        self._seconds += float(prediction["seconds"])
+            if writer is not None:
+                writer.add_image(f"predict/{name}", picture, 0, dataformats="HWC")
+        self._tokens += prediction.num_tokens
+        self._seconds += prediction.seconds
         bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)
         if bar is not None and self._seconds > 0:
             bar.set_postfix({"tokens/s": f"{self._tokens / self._seconds:.0f}"}, refresh=False)

@@ -19,7 +19,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lvm_pl import shards
+from lvm_pl.batches import TokenizedSentences
 from lvm_pl.console import UserError, say, warn
+from lvm_pl.stage_data import stage_data
 from lvm_pl.tokens import TokenLayout
 
 
@@ -75,13 +77,13 @@ def _alive(pid: int) -> bool:
 
 
 class TokenWriter(BasePredictionWriter):
-    """Prediction writer for tokenizing: `{"tokens": [B,N,h,w], "num_images", "kind", "index"}` -> shards.
+    """Prediction writer for tokenizing: the VQGAN's `TokenizedSentences` -> shards.
 
     `output_dir` holds one split (`split` names its files; it must match the data module's `predict_split` when that
     exists). Sentences are stored as `[BOS] img_1 ... img_N [EOS]` under the layout built from the model's codebook and
     the data's image size with `num_special`, `add_bos`, `add_eos`. On resume, sentences already in complete shards
-    are skipped here; a data module with a `predict_skip` attribute receives their indices at setup so it need not load
-    or encode them at all (it must keep each rank's remaining sentences in their original order).
+    are skipped here, and the data module is told them at setup (`StageData.skip_predict`) so it need not load or
+    encode them at all (it keeps each rank's remaining sentences in their original order).
     """
 
     def __init__(
@@ -120,14 +122,15 @@ class TokenWriter(BasePredictionWriter):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        data_split = getattr(trainer.datamodule, "predict_split", None)
-        if data_split is not None and data_split != self.split:
+        data = stage_data(trainer)
+        if data is None or data.image_size is None:
+            raise UserError("token writer: tokenizing needs image data; use datamodules.VisualSentenceDataModule")
+        if data.predict_split is not None and data.predict_split != self.split:
             raise UserError(
-                f"token writer: split={self.split!r} but the data predicts split {data_split!r}; set both to the same"
+                f"token writer: split={self.split!r} but the data predicts split {data.predict_split!r};"
+                " set both to the same"
             )
-        image_size = getattr(trainer.datamodule, "image_size", None)
-        if image_size is None:
-            raise UserError("token writer: the data module has no `image_size`; tokenize a VisualSentenceDataModule")
+        image_size = data.image_size
         self.layout = TokenLayout.for_images(
             int(pl_module.codebook_size), int(image_size), int(pl_module.downsample_factor), **self.layout_options
         )
@@ -154,8 +157,8 @@ class TokenWriter(BasePredictionWriter):
         self._lock = RunLock(self.output_dir / f".lock-{self.split}-r{trainer.global_rank:05d}")
         self._lock.acquire()
         self._resume(trainer)
-        if hasattr(trainer.datamodule, "predict_skip"):
-            trainer.datamodule.predict_skip = set(self._done)  # a data module that can, leaves them out of predict
+        if self._done:
+            data.skip_predict(self._done)  # the data need not even load them
 
     def _resume(self, trainer: Trainer) -> None:
         """Collect the sentences of this rank's complete shards; remove what an interrupted run left half-written."""
@@ -210,19 +213,19 @@ class TokenWriter(BasePredictionWriter):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        prediction: dict[str, Any],
+        prediction: TokenizedSentences,
         batch_indices: Any,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        tokens = prediction["tokens"].cpu()  # [B, N, h, w]
-        counts = prediction["num_images"].tolist()
-        for b, index in enumerate(prediction["index"].tolist()):
+        tokens = prediction.tokens.cpu()  # [B, N, h, w]
+        counts = prediction.num_images.tolist()
+        for b, index in enumerate(prediction.index.tolist()):
             if index in self._done:
                 continue
             sentence = self.layout.sentence(tokens[b, : counts[b]]).numpy().astype(self.layout.storage_dtype)
-            self._add(sentence, counts[b], prediction["kind"][b], index)
+            self._add(sentence, counts[b], prediction.kinds[b], index)
         self._images += int(sum(counts))
         self._show_speed(trainer)
 

@@ -13,6 +13,7 @@ from PIL import Image
 from lvm_pl.atomic import save_image
 from lvm_pl.console import UserError, say
 from lvm_pl.images import grid
+from lvm_pl.kinds import kind_order
 
 
 def load_datamodule(configs: list[str]) -> LightningDataModule:
@@ -58,7 +59,8 @@ def preview_data(
             rows.append(s.images)
     if not groups:
         raise UserError(f"{', '.join(configs)}: split {split!r} has no sentences")
-    order = sorted(groups, key=lambda k: (("sequence", "analogy", "category", "single").index(k[0]), k[1]))
+    kinds = kind_order(k for k, _ in groups)
+    order = sorted(groups, key=lambda k: (kinds.index(k[0]), k[1]))
     rows = [images for key in order for images in groups[key]]
     save_image(output, Image.fromarray(grid(rows)))
     say(f"wrote {output}: {len(rows)} sentences, " + ", ".join(f"{k}/{f}" if f else k for k, f in order))

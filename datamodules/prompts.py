@@ -29,10 +29,12 @@ from datamodules.imageio import IMAGE_EXTENSIONS, BadImage, fit_image, load_rgb
 from datamodules.sentences import VisualSentenceDataModule
 from datamodules.sources.base import SentenceSource
 from datamodules.sources.folder import natural_key
+from lvm_pl.batches import PromptBatch, pad_stacks
 from lvm_pl.console import UserError, say
 from lvm_pl.images import to_tensor
+from lvm_pl.kinds import PROMPTABLE
+from lvm_pl.stage_data import StageData
 
-PROMPT_KINDS = ("sequence", "analogy", "category")
 Image = str | np.ndarray  # a file path, or uint8 [H, W, 3] already in memory
 
 
@@ -87,41 +89,34 @@ class PromptDataset(Dataset):
         }
 
 
-def _pad(tensors: list[torch.Tensor | None], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image stacks [N_i, 3, H, W] (None: none) -> zero-padded [B, max N_i (>= 1), 3, H, W] and the counts [B]."""
-    counts = [0 if t is None else t.shape[0] for t in tensors]
-    out = like.new_zeros((len(tensors), max(1, *counts), *like.shape[1:]))
-    for b, t in enumerate(tensors):
-        if t is not None:
-            out[b, : t.shape[0]] = t
-    return out, torch.tensor(counts, dtype=torch.long)
-
-
-def collate_prompts(items: list[dict]) -> dict:
-    """-> {"prompt": [B, N, 3, H, W], "num_prompt", "num_frames", "truth": [B, M, 3, H, W], "num_truth", "kind",
-    "name", "index"}; image stacks are zero-padded to the longest in the batch."""
+def collate_prompts(items: list[dict]) -> PromptBatch:
+    """Prompt items -> a `PromptBatch`; image stacks are zero-padded to the longest in the batch."""
     like = items[0]["prompt"]
-    prompt, num_prompt = _pad([it["prompt"] for it in items], like)
-    truth, num_truth = _pad([it["truth"] for it in items], like)
-    return {
-        "prompt": prompt,
-        "num_prompt": num_prompt,
-        "num_frames": torch.tensor([it["num_frames"] for it in items], dtype=torch.long),
-        "truth": truth,
-        "num_truth": num_truth,
-        "kind": [it["kind"] for it in items],
-        "name": [it["name"] for it in items],
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-    }
+    prompt, num_prompt = pad_stacks([it["prompt"] for it in items], like)
+    truth, num_truth = pad_stacks([it["truth"] for it in items], like)
+    return PromptBatch(
+        prompt=prompt,
+        num_prompt=num_prompt,
+        num_frames=torch.tensor([it["num_frames"] for it in items], dtype=torch.long),
+        truth=truth,
+        num_truth=num_truth,
+        index=torch.tensor([it["index"] for it in items], dtype=torch.long),
+        kinds=[it["kind"] for it in items],
+        names=[it["name"] for it in items],
+    )
 
 
-class PromptDataModule(LightningDataModule):
+class PromptDataModule(LightningDataModule, StageData):
     """Prompts from a `file`, a `folder` or a sentence `source` (give exactly one) for `predict`.
 
     `kind`: the kind of folder prompts and the default of file entries; with a `source`, only sentences of that kind
     (None: sequences, analogies and categories). `num_frames`: frames generated per sequence/category prompt unless
     an entry says otherwise (analogies: 1). `limit`: at most that many prompts. Images are resized to `image_size`.
     """
+
+    layout = None
+    seq_len = None
+    predict_split = None
 
     def __init__(
         self,
@@ -173,8 +168,8 @@ class PromptDataModule(LightningDataModule):
         if not isinstance(entry, dict) or not isinstance(entry.get("images"), list) or not entry["images"]:
             raise UserError(f"{where}: expected a mapping with a non-empty list `images`, got {entry!r}")
         kind = entry.get("kind", self.kind or "sequence")
-        if kind not in PROMPT_KINDS:
-            raise UserError(f"{where}: kind={kind!r} is not one of {list(PROMPT_KINDS)}")
+        if kind not in PROMPTABLE:
+            raise UserError(f"{where}: kind={kind!r} is not one of {list(PROMPTABLE)}")
         frames = entry.get("num_frames", 1 if kind == "analogy" else self.num_frames)
         if not isinstance(frames, int) or frames < 1:
             raise UserError(f"{where}: num_frames={frames!r} must be an integer >= 1")
@@ -232,7 +227,7 @@ class PromptDataModule(LightningDataModule):
 
     def _from_source(self) -> list[Prompt]:
         sentences = VisualSentenceDataModule(self.source, image_size=self.image_size, seed=self.seed)
-        kinds = (self.kind,) if self.kind is not None else PROMPT_KINDS
+        kinds = (self.kind,) if self.kind is not None else PROMPTABLE
         prompts = []
         for index in range(sentences.split_size(self.split)):
             if self.limit is not None and len(prompts) >= self.limit:

@@ -1,10 +1,12 @@
 """`VisualSentenceDataModule`: one DataModule for both stages, single images (VQGAN) or whole sentences (tokenizing,
-evaluation, on-the-fly LVM training), from any `SentenceSource`. Images reach modules as float32 in [-1, 1]."""
+evaluation, on-the-fly LVM training), from any `SentenceSource`: `ImageBatch`es or `SentenceBatch`es
+(`lvm_pl.batches`), images as float32 in [-1, 1]."""
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -13,50 +15,57 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.imageio import fit_image
+from datamodules.order import TrainLoader, TrainOrder
 from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence
-from datamodules.tokens import WindowSampler, _TrainLoader
-from lvm_pl.console import UserError, warn
+from lvm_pl.batches import ImageBatch, SentenceBatch, pad_stacks
+from lvm_pl.console import UserError
 from lvm_pl.images import to_tensor
+from lvm_pl.stage_data import StageData
 
-__all__ = ["SentenceDataset", "VisualSentence", "VisualSentenceDataModule", "collate_sentences"]
+__all__ = ["SentenceDataset", "VisualSentence", "VisualSentenceDataModule", "collate_images", "collate_sentences"]
 
 
 class SentenceDataset(Dataset):
-    """Map-style view of one split: item `k` is image `k` of the split's flattened images (`unit="image"`) or
-    sentence `k` (`unit="sentence"`). Map-style, so Lightning gives each DDP rank a disjoint DistributedSampler."""
+    """Map-style view of one split: item `k` is image `k` of the split's flattened images (`lengths` gives each
+    sentence's image count) or, with `lengths` None, sentence `k`. `read_image(i, position)` and `read_sentence(i)`
+    return what the modules see (resized, cropped). Map-style, so each DDP rank gets a disjoint DistributedSampler."""
 
-    def __init__(self, dm: VisualSentenceDataModule, split: str, unit: str) -> None:
-        self.dm, self.split, self.unit = dm, split, unit
-        self.size = dm.source.split_size(split)
-        if unit == "image":
-            lengths = [dm.clip_length(dm.source.num_images(split, i)) for i in range(self.size)]
-            self.starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    def __init__(
+        self,
+        size: int,
+        read_sentence: Callable[[int], VisualSentence],
+        read_image: Callable[[int, int], tuple[np.ndarray, str]],
+        lengths: list[int] | None = None,
+    ) -> None:
+        self.size, self.read_sentence, self.read_image = size, read_sentence, read_image
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).tolist() if lengths is not None else None
 
     def __len__(self) -> int:
-        return self.starts[-1] if self.unit == "image" else self.size
+        return self.starts[-1] if self.starts is not None else self.size
 
     def __getitem__(self, k: int) -> dict:
-        if self.unit == "image":
+        if self.starts is not None:
             i = bisect.bisect_right(self.starts, k) - 1
-            image, kind = self.dm.image(self.split, i, k - self.starts[i])
+            image, kind = self.read_image(i, k - self.starts[i])
             return {"image": to_tensor(image), "kind": kind}  # [3, H, W]
-        s = self.dm.sentence(self.split, k)
+        s = self.read_sentence(k)
         return {"images": torch.stack([to_tensor(x) for x in s.images]), "kind": s.kind, "index": k}  # [N, 3, H, W]
 
 
-def collate_sentences(items: list[dict]) -> dict:
-    """Sentences of different lengths -> {"images": [B, N, 3, H, W] zero-padded, "num_images", "kind", "index"}."""
-    n = max(it["images"].shape[0] for it in items)
-    first = items[0]["images"]
-    images = first.new_zeros((len(items), n, *first.shape[1:]))
-    for b, it in enumerate(items):
-        images[b, : it["images"].shape[0]] = it["images"]
-    return {
-        "images": images,
-        "num_images": torch.tensor([it["images"].shape[0] for it in items], dtype=torch.long),
-        "kind": [it["kind"] for it in items],
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-    }
+def collate_images(items: list[dict]) -> ImageBatch:
+    """Single images -> an `ImageBatch`."""
+    return ImageBatch(torch.stack([it["image"] for it in items]), [it["kind"] for it in items])
+
+
+def collate_sentences(items: list[dict]) -> SentenceBatch:
+    """Sentences of different lengths -> a `SentenceBatch` (images zero-padded to the longest)."""
+    images, counts = pad_stacks([it["images"] for it in items], items[0]["images"])
+    return SentenceBatch(
+        images=images,
+        num_images=counts,
+        index=torch.tensor([it["index"] for it in items], dtype=torch.long),
+        kinds=[it["kind"] for it in items],
+    )
 
 
 class _PredictSampler(DistributedSampler):
@@ -71,15 +80,18 @@ class _PredictSampler(DistributedSampler):
         return iter(self.indices)
 
 
-class VisualSentenceDataModule(LightningDataModule):
+class VisualSentenceDataModule(LightningDataModule, StageData):
     """Visual sentences from `source`, resized (shorter side to `image_size`, then a centre or random crop).
 
-    `unit="image"` yields {"image": [B, 3, H, W], "kind"}; `unit="sentence"` yields `collate_sentences` batches.
+    `unit="image"` yields `ImageBatch`es, `unit="sentence"` `SentenceBatch`es.
     Sentences longer than `max_images` are cut; one shorter than `min_images` fails at setup naming its path.
     `crop="random"` crops training sentences at a position drawn per sentence from the seed (val/test: centre).
     Training order is a permutation by (seed, epoch), split across ranks; a checkpoint carries the position in it, so a
     resumed `fit` sees exactly the batches the interrupted one had not trained on.
     """
+
+    layout = None
+    seq_len = None
 
     def __init__(
         self,
@@ -106,9 +118,12 @@ class VisualSentenceDataModule(LightningDataModule):
         self.min_images, self.max_images = min_images, max_images
         self.batch_size, self.num_workers, self.seed, self.predict_split = batch_size, num_workers, seed, predict_split
         self._ready = False
-        self._train_sampler: WindowSampler | None = None
-        self._resume_state: dict | None = None
-        self.predict_skip: set[int] = set()  # sentences a resumed tokenize run already wrote (set by TokenWriter)
+        self.order = TrainOrder(batch_size, seed)
+        self._predict_skip: set[int] = set()  # sentences a resumed tokenize run already wrote
+
+    def skip_predict(self, indices: set[int]) -> None:
+        """Leave these sentences of `predict_split` out of `predict` (the token writer's complete shards hold them)."""
+        self._predict_skip = set(indices)
 
     def setup(self, stage: str | None = None) -> None:
         """Prepare the source once and check every sentence is long enough."""
@@ -160,16 +175,23 @@ class VisualSentenceDataModule(LightningDataModule):
 
     def dataset(self, split: str) -> SentenceDataset:
         """The map-style dataset of `split` for this DataModule's `unit`."""
-        self.setup()
-        return SentenceDataset(self, split, self.unit)
+        size = self.split_size(split)
+        lengths = None
+        if self.unit == "image":
+            lengths = [self.clip_length(self.source.num_images(split, i)) for i in range(size)]
+        return SentenceDataset(size, partial(self.sentence, split), partial(self.image, split), lengths)
 
-    def _loader(self, dataset: SentenceDataset, sampler: WindowSampler | None = None) -> DataLoader:
-        return (DataLoader if sampler is None else _TrainLoader)(
+    @property
+    def collate(self) -> Callable[[list[dict]], ImageBatch | SentenceBatch]:
+        return collate_sentences if self.unit == "sentence" else collate_images
+
+    def _loader(self, dataset: SentenceDataset, sampler=None) -> DataLoader:
+        return (DataLoader if sampler is None else TrainLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=collate_sentences if self.unit == "sentence" else None,
+            collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
             # its own generator: creating an iterator (every epoch, and once more on resume) then draws nothing
             # from the global RNG, which training (quantizer restarts) uses and checkpoints
@@ -177,14 +199,8 @@ class VisualSentenceDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         dataset = self.dataset("train")
-        sampler = WindowSampler(len(dataset), world, rank, shuffle=True, seed=self.seed)
-        if self._resume_state is not None:
-            self._resume(sampler, self._resume_state)
-            self._resume_state = None
-        self._train_sampler = sampler
-        return self._loader(dataset, sampler)
+        return self._loader(dataset, self.order.new_sampler(len(dataset), self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"))
@@ -193,49 +209,18 @@ class VisualSentenceDataModule(LightningDataModule):
         return self._loader(self.dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        if not self.predict_skip:
+        if not self._predict_skip:
             return self._loader(self.dataset(self.predict_split))
-        # a resumed tokenize run: the TokenWriter has set the sentences its complete shards already hold
+        # a resumed tokenize run: the TokenWriter has named the sentences its complete shards already hold
         ds = self.dataset(self.predict_split)
-        sampler = _PredictSampler(len(ds), self.trainer.world_size, self.trainer.global_rank, self.predict_skip)
+        sampler = _PredictSampler(len(ds), self.trainer.world_size, self.trainer.global_rank, self._predict_skip)
         return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_sentences if self.unit == "sentence" else None,
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate
         )
 
     def state_dict(self) -> dict:
-        """Where training is in its order: epoch and items this rank consumed (checkpointed by Lightning)."""
-        if self.trainer is None or self._train_sampler is None:
-            return {}
-        # the loop's count, not the loader's: Lightning prefetches a batch the model has not trained on yet
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return {
-            "epoch": self.trainer.current_epoch,
-            "consumed": batches * self.batch_size,
-            **self._order(self._train_sampler),
-        }
+        """Where training is in its order (checkpointed by Lightning)."""
+        return self.order.state_dict(self.trainer)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not state_dict:
-            return
-        if self._train_sampler is None:
-            self._resume_state = dict(state_dict)  # usual case: restored before the train loader is built
-        elif self._train_sampler.started:
-            warn("data: the train loader was iterated before the checkpoint was restored; the epoch restarts")
-        else:
-            self._resume(self._train_sampler, state_dict)
-
-    @staticmethod
-    def _order(sampler: WindowSampler) -> dict:
-        return {"num_items": len(sampler.dataset), "world_size": sampler.num_replicas, "seed": sampler.seed}
-
-    def _resume(self, sampler: WindowSampler, state: dict) -> None:
-        now, then = self._order(sampler), {k: state.get(k) for k in self._order(sampler)}
-        if then != now:
-            warn(f"data: checkpoint's training order was {then}, now {now}; the epoch restarts from its first item")
-            sampler.resume(state["epoch"], 0)
-        else:
-            sampler.resume(state["epoch"], state["consumed"])
+        self.order.load_state_dict(state_dict)

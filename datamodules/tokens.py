@@ -5,8 +5,9 @@ tokens long with stride `seq_len`, so every token but the first is a label exact
 the tail (fewer than `seq_len` labels) becomes one last window padded with `labels = -100` (`tail: pad`) or is
 dropped (`tail: drop`). Evaluation windows may instead start at sentence boundaries (`eval_windows: sentence`): whole
 sentences are packed greedily, the rest of the window padded, and a sentence longer than a window continues in the
-next one. Batches are `{"input_ids": [B, T], "labels": [B, T], "doc_ids": [B, T]}`; `doc_ids` number the sentences
-inside each window from 0 (-1 on padding) so a model can keep attention inside a sentence.
+next one. Batches are `lvm_pl.batches.TokenBatch`es: input_ids, labels, doc_ids [B, T] (`doc_ids` number the
+sentences inside each window from 0, -1 on padding, so a model can keep attention inside a sentence) and each row's
+stream position, where evaluation looks its sentences up in the split's `SentenceIndex`.
 """
 
 from __future__ import annotations
@@ -18,17 +19,21 @@ from typing import Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.order import OrderSampler, TrainLoader, TrainOrder
 from lvm_pl import shards
-from lvm_pl.console import UserError, say, warn
+from lvm_pl.batches import IGNORE_INDEX, TokenBatch
+from lvm_pl.console import UserError, say
+from lvm_pl.stage_data import SentenceIndex, StageData
 from lvm_pl.tokens import TokenLayout
 
 WindowMode = Literal["stream", "sentence"]
 
 
 class TokenStream:
-    """The sentences of some manifests back to back; `read(a, b)` returns stream tokens [a, b) as int64."""
+    """The sentences of some manifests back to back; `read(a, b)` returns stream tokens [a, b) as int64. The shard
+    indexes give where each sentence starts (`sentence_starts` [S]) and its kind."""
 
     def __init__(self, manifests: list[shards.Manifest]) -> None:
         self.paths = [m.bin_path(s) for m in manifests for s in m.shards]
@@ -36,13 +41,15 @@ class TokenStream:
         sizes = [s["tokens"] for m in manifests for s in m.shards]
         self.bases = np.zeros(len(sizes) + 1, dtype=np.int64)  # [num_shards + 1] first stream position of each shard
         np.cumsum(sizes, out=self.bases[1:])
-        starts = []
+        starts, self.kinds = [], []
         for m in manifests:
             for s in m.shards:
-                offsets = shards.read_shard_index(m.idx_path(s)).offsets
+                index = shards.read_shard_index(m.idx_path(s))
+                offsets = index.offsets
                 if offsets[-1] != s["tokens"]:
                     raise UserError(f"{m.idx_path(s)}: index covers {offsets[-1]} tokens, manifest says {s['tokens']}")
                 starts.append(offsets[:-1] + self.bases[len(starts)])
+                self.kinds += [index.kinds[k] for k in index.kind]
         self.sentence_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)  # [S]
         self.num_tokens = int(self.bases[-1])
         self._arrays: list[np.ndarray] | None = None
@@ -120,47 +127,25 @@ class PackedWindows(Dataset):
             input_ids, labels = window[:-1], window[1:]
         else:
             input_ids = np.full(self.seq_len, self.pad_id, dtype=np.int64)
-            labels = np.full(self.seq_len, -100, dtype=np.int64)
+            labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
             input_ids[:n], labels[:n] = window[:-1], window[1:]
             doc_ids[n:] = -1
         return {
             "input_ids": torch.from_numpy(np.ascontiguousarray(input_ids)),
             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
             "doc_ids": torch.from_numpy(doc_ids),
+            "position": start,
         }
 
 
-class WindowSampler(DistributedSampler):
-    """Window order for one rank: a permutation by (seed, epoch), split across ranks, able to skip consumed windows.
-
-    A `DistributedSampler` so Lightning leaves it in place under DDP. `even` pads with repeated windows so every rank
-    takes the same number of steps (training); without it each window is seen once (evaluation). `resume(epoch,
-    consumed)` makes the next iteration start where a checkpointed run stopped.
-    """
-
-    def __init__(
-        self, num_windows: int, num_replicas: int, rank: int, shuffle: bool, seed: int, even: bool = True
-    ) -> None:
-        super().__init__(range(num_windows), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        if not even:
-            self.total_size = num_windows
-            self.num_samples = len(range(rank, num_windows, num_replicas))
-        self._skip = 0
-        self.started = False
-
-    def resume(self, epoch: int, consumed: int) -> None:
-        """Start the next iteration at window `consumed` of `epoch` (an epoch fully consumed moves to the next)."""
-        if consumed >= self.num_samples:
-            epoch, consumed = epoch + 1, 0
-        self.epoch, self._skip = epoch, consumed
-
-    def __iter__(self):
-        self.started = True
-        skip, self._skip = self._skip, 0
-        n = len(self.dataset)
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(n) if self.shuffle else np.arange(n)
-        order = np.resize(order, self.total_size)  # pads by repeating from the start, as DistributedSampler does
-        return iter(order[self.rank : self.total_size : self.num_replicas][skip:].tolist())
+def collate_windows(items: list[dict]) -> TokenBatch:
+    """`PackedWindows` items -> a `TokenBatch`."""
+    return TokenBatch(
+        input_ids=torch.stack([it["input_ids"] for it in items]),
+        labels=torch.stack([it["labels"] for it in items]),
+        doc_ids=torch.stack([it["doc_ids"] for it in items]),
+        positions=torch.tensor([it["position"] for it in items], dtype=torch.long),
+    )
 
 
 def _expand(paths: str | list[str] | None, key: str) -> list[Path]:
@@ -176,23 +161,16 @@ def _expand(paths: str | list[str] | None, key: str) -> list[Path]:
     return out
 
 
-class _TrainLoader(DataLoader):
-    """A DataLoader Lightning recognizes as resumable; the position it restores is the sampler's (see `resume`)."""
-
-    def state_dict(self) -> dict:
-        return {}  # the data module checkpoints the position: the loop's count is exact, this loader's is prefetched
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass
-
-
-class TokenDataModule(LightningDataModule):
+class TokenDataModule(LightningDataModule, StageData):
     """Packed windows from token shards: `train`/`val`/`test` each name shard directories, manifests or globs.
 
     `layout` (from the manifests) tells the model its vocabulary. Train windows are shuffled by (seed, epoch), split
     across ranks, and resume mid-epoch from a checkpoint. `verify: full` checks sizes, sha256 and id range of every
     shard at setup (each rank a share); `size` only sizes.
     """
+
+    image_size = None
+    predict_split = None
 
     def __init__(
         self,
@@ -208,7 +186,6 @@ class TokenDataModule(LightningDataModule):
         eval_windows: WindowMode = "sentence",
         tail: Literal["pad", "drop"] = "pad",
         verify: Literal["full", "size"] = "full",
-        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
@@ -217,14 +194,12 @@ class TokenDataModule(LightningDataModule):
         if not any(self.splits.values()):
             raise UserError("data: give at least one of train, val, test (shard directories)")
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
-        self.seed, self.shuffle, self.tail, self.verify = seed, shuffle, tail, verify
+        self.tail, self.verify = tail, verify
         self.modes = {"train": train_windows, "val": eval_windows, "test": eval_windows}
-        self.vocab_size = vocab_size
         self.manifests = {k: [shards.load_manifest(p) for p in v] for k, v in self.splits.items()}
         self.layout = self._common_layout()
         self.datasets: dict[str, PackedWindows] = {}
-        self._samplers: dict[str, WindowSampler] = {}
-        self._resume_state: dict | None = None
+        self.order = TrainOrder(batch_size, seed, shuffle)
 
     def _common_layout(self) -> TokenLayout:
         all_manifests = [m for ms in self.manifests.values() for m in ms]
@@ -234,20 +209,12 @@ class TokenDataModule(LightningDataModule):
                 raise UserError(f"{m.path}: token layout {m.layout} differs from {first.path}'s {first.layout}")
         return first.layout
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """Raise a UserError naming the manifest when a model's vocabulary does not match the shards' layout."""
-        first = next(m for ms in self.manifests.values() for m in ms)
-        self.layout.check_compatible(vocab_size, str(first.path))
+    def describe(self) -> str:
+        """The first manifest, to name in messages about the shards' layout."""
+        return str(next(m for ms in self.manifests.values() for m in ms).path)
 
     def setup(self, stage: str) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        model_layout = getattr(model, "layout", None)
-        if isinstance(model_layout, TokenLayout) and model_layout != self.layout:
-            first = next(m for ms in self.manifests.values() for m in ms)
-            raise UserError(f"{first.path}: shards have token layout {self.layout}, the model {model_layout}")
-        if self.vocab_size is not None:
-            self.check_vocab(self.vocab_size)
         for split in wanted:
             if split in self.datasets or not self.manifests[split]:
                 continue
@@ -262,6 +229,14 @@ class TokenDataModule(LightningDataModule):
         if stage == "fit" and "train" not in self.datasets:
             raise UserError("data.train: fitting needs train shard directories")
 
+    def sentence_index(self, split: str) -> SentenceIndex | None:
+        """Where each sentence of `split`'s stream starts and its kind (after `setup` built the split)."""
+        dataset = self.datasets.get(split)
+        if dataset is None:
+            return None
+        stream = dataset.stream
+        return SentenceIndex(stream.sentence_starts, stream.num_tokens, stream.kinds)
+
     def _validate(self, split: str) -> None:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         entries = [(m, s) for m in self.manifests[split] for s in m.shards]
@@ -269,20 +244,18 @@ class TokenDataModule(LightningDataModule):
             shards.validate_shard(m, s, full=self.verify == "full" and i % world == rank)
 
     def _loader(self, split: str) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         train = split == "train"
-        sampler = WindowSampler(
-            len(self.datasets[split]), world, rank, shuffle=train and self.shuffle, seed=self.seed, even=train
-        )
-        if train and self._resume_state is not None:
-            self._resume(sampler, self._resume_state)
-            self._resume_state = None
-        self._samplers[split] = sampler
-        return (_TrainLoader if train else DataLoader)(
+        if train:
+            sampler = self.order.new_sampler(len(self.datasets[split]), self.trainer)
+        else:
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            sampler = OrderSampler(len(self.datasets[split]), world, rank, shuffle=False, seed=0, even=False)
+        return (TrainLoader if train else DataLoader)(
             self.datasets[split],
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            collate_fn=collate_windows,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
@@ -301,39 +274,8 @@ class TokenDataModule(LightningDataModule):
         return self._loader("test")
 
     def state_dict(self) -> dict:
-        """Where training is in the window order: epoch and windows this rank consumed (checkpointed by Lightning)."""
-        if self.trainer is None or "train" not in self._samplers:
-            return {}
-        # the loop's count, not the loader's: Lightning prefetches a batch the model has not trained on yet
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        sampler = self._samplers["train"]
-        return {
-            "epoch": self.trainer.current_epoch,
-            "consumed": batches * self.batch_size,
-            "num_windows": len(sampler.dataset),
-            "world_size": sampler.num_replicas,
-            "seed": sampler.seed,
-        }
+        """Where training is in the window order (checkpointed by Lightning)."""
+        return self.order.state_dict(self.trainer)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not state_dict:
-            return
-        sampler = self._samplers.get("train")
-        if sampler is None:
-            self._resume_state = dict(state_dict)
-        elif sampler.started:
-            warn(
-                "data: the train loader was iterated before the checkpoint was restored (strategies that restore after"
-                " setup, with `estimated_stepping_batches`); this epoch restarts from its first window"
-            )
-        else:
-            self._resume(sampler, state_dict)
-
-    def _resume(self, sampler: WindowSampler, state: dict) -> None:
-        now = {"num_windows": len(sampler.dataset), "world_size": sampler.num_replicas, "seed": sampler.seed}
-        then = {k: state.get(k) for k in now}
-        if then != now:
-            warn(f"data: checkpoint's window order was {then}, now {now}; the epoch restarts from its first window")
-            sampler.resume(state["epoch"], 0)
-        else:
-            sampler.resume(state["epoch"], state["consumed"])
+        self.order.load_state_dict(state_dict)

@@ -72,6 +72,34 @@ class TokenLayout:
         """Number of tokens of a sentence of `num_images` images, specials included."""
         return int(self.add_bos) + num_images * self.tokens_per_image + int(self.add_eos)
 
+    def num_images(self, sentence_length: int) -> int:
+        """Inverse of `sentence_length`: the images of a sentence that many tokens long."""
+        body = sentence_length - int(self.add_bos) - int(self.add_eos)
+        if body < 0 or body % self.tokens_per_image:
+            raise ValueError(f"a sentence of {sentence_length} tokens is not whole images of {self.tokens_per_image}")
+        return body // self.tokens_per_image
+
+    def find_sentences(self, tokens: torch.Tensor) -> list[tuple[int, int]]:
+        """(start, num_images) of each whole sentence in a row of tokens [L], found by its BOS and EOS (a sentence cut
+        by the row's ends is left out). Without BOS or EOS in the layout, sentences cannot be told from the tokens."""
+        if not (self.add_bos and self.add_eos):
+            raise UserError(f"token layout {self}: sentences are found by BOS and EOS, and this layout lacks one")
+        bos = (tokens == self.bos_id).nonzero().flatten().tolist()
+        eos = (tokens == self.eos_id).nonzero().flatten().tolist()
+        out = []
+        for start in bos:
+            end = next((p for p in eos if p > start), None)  # the sentence is tokens[start : end + 1]
+            if end is not None:
+                out.append((start, self.num_images(end + 1 - start)))
+        return out
+
+    def frames_that_fit(self, block_size: int, with_eos: bool = False) -> int:
+        """The most whole frames of one sentence a model of context `block_size` sees: its last token is predicted,
+        never fed, so BOS + n * tokens_per_image - 1 <= block_size (4096 / 256: 16 frames, 15 of them a prompt).
+        `with_eos`: the sentence's EOS must be predicted too (training on whole sentences)."""
+        fed = block_size + 1 - int(self.add_bos) - int(self.add_eos and with_eos)
+        return max(fed // self.tokens_per_image, 0)
+
     def image_start(self, index: int) -> int:
         """Offset of image `index`'s first token inside its sentence."""
         return int(self.add_bos) + index * self.tokens_per_image
@@ -106,3 +134,31 @@ class TokenLayout:
                 f"{where}: token layout needs vocabulary {self.vocab_size} (codebook {self.codebook_size}"
                 f" + {self.num_special} special ids) but the model has {vocab_size}"
             )
+
+
+def resolve_layout(sources: dict[str, TokenLayout | None], images: dict[str, TokenLayout | None]) -> TokenLayout:
+    """The one token layout every source agrees on: the handshake between checkpoint, data and tokenizer.
+
+    `sources` (named, e.g. "the checkpoint", "the shards data/tokens/train/manifest.json") vouch for the whole layout;
+    `images` sources (a tokenizer at an image size) only for codebook_size and tokens_per_image. Raises one line
+    naming the two that disagree; with only image sources, their layout with the default specials."""
+    given = {name: layout for name, layout in sources.items() if layout is not None}
+    partial = {name: layout for name, layout in images.items() if layout is not None}
+    if not given and not partial:
+        raise UserError(
+            "model: no token layout: train on token shards (datamodules.tokens.TokenDataModule), set model.tokenizer"
+            " with image data, or load an LVM checkpoint"
+        )
+    (first_name, first), *rest = [*given.items(), *partial.items()]
+    for name, layout in rest:
+        full = name in given
+        same = layout == first if full else _image_fields(layout) == _image_fields(first)
+        if not same:
+            mine = layout.to_dict() if full else _image_fields(layout)
+            theirs = first.to_dict() if full else _image_fields(first)
+            raise UserError(f"token layouts disagree: {first_name} has {theirs}, {name} has {mine}")
+    return first
+
+
+def _image_fields(layout: TokenLayout) -> dict:
+    return {"codebook_size": layout.codebook_size, "tokens_per_image": layout.tokens_per_image}

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-KINDS = ("sequence", "analogy", "category", "single")
 
 
 @dataclass

@@ -1,9 +1,8 @@
 """The built-in source: offline, deterministic visual sentences with ground truth in `meta`.
 
 Sentence `i` of a split is drawn from its own generator seeded by (seed, split, i), so it is the same bytes in any
-worker or rank. Families (name -> kind): sequences `moving`, `rotating`, `scaling`, `recolour`, `pan`, `gif`;
-analogies `edges`, `grayscale`, `invert`, `hflip`, `blur`, `segmentation`, `depth`, `stereo`; categories `shapes`,
-`digits`; singles `photo`, `scene`.
+worker or rank. The families and their kinds are the table `FAMILIES` (sequences such as `moving`, analogies such
+as `edges`, categories `shapes`/`digits`, singles `photo`/`scene`).
 """
 
 from __future__ import annotations
@@ -17,28 +16,7 @@ import numpy as np
 from datamodules.sources import builtin_draw as draw
 from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence
 from lvm_pl.console import UserError
-
-FAMILY_KINDS = {
-    "moving": "sequence",
-    "rotating": "sequence",
-    "scaling": "sequence",
-    "recolour": "sequence",
-    "pan": "sequence",
-    "gif": "sequence",
-    "edges": "analogy",
-    "grayscale": "analogy",
-    "invert": "analogy",
-    "hflip": "analogy",
-    "blur": "analogy",
-    "segmentation": "analogy",
-    "depth": "analogy",
-    "stereo": "analogy",
-    "shapes": "category",
-    "digits": "category",
-    "photo": "single",
-    "scene": "single",
-}
-
+from lvm_pl.kinds import Kind
 
 Frame = Callable[[], np.ndarray]  # renders one uint8 [H, W, 3] image; every random draw happened before
 
@@ -48,7 +26,6 @@ class LazySentence:
     """A family's output: all random draws done, frames rendered on demand (one image costs one frame)."""
 
     frames: list[Frame]
-    kind: str
     meta: dict
 
 
@@ -126,7 +103,7 @@ def moving(rng: np.random.Generator, n: int, size: int, speed: tuple[float, floa
     for t in range(n):
         at_t = [{**o, "x": o["positions"][t][0], "y": o["positions"][t][1]} for o in objects]
         frames.append(partial(draw.render_shapes, at_t, size, bg))
-    return LazySentence(frames, "sequence", {"objects": objects, "background": bg.tolist()})
+    return LazySentence(frames, {"objects": objects, "background": bg.tolist()})
 
 
 def rotating(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -138,7 +115,7 @@ def rotating(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     omega = float(rng.choice([-1, 1]) * rng.uniform(np.pi / 18, np.pi / 6))
     angles = [s["angle"] + omega * t for t in range(n)]
     frames = [partial(draw.render_shapes, [{**s, "colour": c, "angle": a}], size, bg) for a in angles]
-    return LazySentence(frames, "sequence", {"shape": s["shape"], "angles": angles, "omega": omega})
+    return LazySentence(frames, {"shape": s["shape"], "angles": angles, "omega": omega})
 
 
 def scaling(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -149,7 +126,7 @@ def scaling(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     r0, r1 = rng.uniform(0.08, 0.45, 2) * size
     radii = [float(r0 + (r1 - r0) * t / max(n - 1, 1)) for t in range(n)]
     frames = [partial(draw.render_shapes, [{**s, "colour": c, "r": r}], size, bg) for r in radii]
-    return LazySentence(frames, "sequence", {"shape": s["shape"], "radii": radii})
+    return LazySentence(frames, {"shape": s["shape"], "radii": radii})
 
 
 def recolour(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -158,7 +135,7 @@ def recolour(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     s = _shape_params(rng, size)
     colours = [np.round(c0 + (c1.astype(float) - c0) * t / max(n - 1, 1)).astype(np.uint8) for t in range(n)]
     frames = [partial(draw.render_shapes, [{**s, "colour": c}], size, bg) for c in colours]
-    return LazySentence(frames, "sequence", {"shape": s["shape"], "colours": [c.tolist() for c in colours]})
+    return LazySentence(frames, {"shape": s["shape"], "colours": [c.tolist() for c in colours]})
 
 
 def pan(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -171,7 +148,7 @@ def pan(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     end = np.array([rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)], float)
     offsets = [np.round(start + (end - start) * t / max(n - 1, 1)).astype(int) for t in range(n)]
     frames = [partial(draw.crop_resize, img, (int(x), int(y), side), size) for x, y in offsets]
-    return LazySentence(frames, "sequence", {"photo": name, "side": side, "offsets": [o.tolist() for o in offsets]})
+    return LazySentence(frames, {"photo": name, "side": side, "offsets": [o.tolist() for o in offsets]})
 
 
 def gif(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -181,7 +158,7 @@ def gif(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     start = int(rng.integers(0, len(all_frames) - n + 1))
     box = draw.random_box(rng, *all_frames[0].shape[:2], 0.75, 1.0)
     frames = [partial(draw.crop_resize, f, box, size) for f in all_frames[start : start + n]]
-    return LazySentence(frames, "sequence", {"frames": list(range(start, start + n)), "box": list(box)})
+    return LazySentence(frames, {"frames": list(range(start, start + n)), "box": list(box)})
 
 
 def _transform_analogy(name: str):
@@ -196,7 +173,7 @@ def _transform_analogy(name: str):
                 info = {"shapes": shapes}
             images += [x, partial(_then, draw.TRANSFORMS[name], x)]
             sources.append(info)
-        return LazySentence(images, "analogy", {"transform": name, "sources": sources})
+        return LazySentence(images, {"transform": name, "sources": sources})
 
     family.__name__ = name
     return family
@@ -209,7 +186,7 @@ def segmentation(rng: np.random.Generator, n: int, size: int) -> LazySentence:
         x, shapes, bg = _scene(rng, size, int(rng.integers(1, 5)))
         images += [x, partial(draw.render_segmentation, shapes, size)]
         scenes.append({"shapes": shapes, "background": bg.tolist()})
-    return LazySentence(images, "analogy", {"transform": "segmentation", "scenes": scenes})
+    return LazySentence(images, {"transform": "segmentation", "scenes": scenes})
 
 
 def depth(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -219,7 +196,7 @@ def depth(rng: np.random.Generator, n: int, size: int) -> LazySentence:
         x, shapes, bg = _scene(rng, size, int(rng.integers(2, 5)))
         images += [x, partial(draw.render_depth, shapes, size)]
         scenes.append({"shapes": shapes, "background": bg.tolist()})
-    return LazySentence(images, "analogy", {"transform": "depth", "scenes": scenes})
+    return LazySentence(images, {"transform": "depth", "scenes": scenes})
 
 
 def stereo(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -230,7 +207,7 @@ def stereo(rng: np.random.Generator, n: int, size: int) -> LazySentence:
         box = draw.random_box(rng, *left.shape[:2], 0.3, 1.0)
         images += [partial(draw.crop_resize, left, box, size), partial(draw.crop_resize, disparity, box, size)]
         boxes.append(list(box))
-    return LazySentence(images, "analogy", {"transform": "stereo_disparity", "boxes": boxes})
+    return LazySentence(images, {"transform": "stereo_disparity", "boxes": boxes})
 
 
 def shapes(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -240,7 +217,7 @@ def shapes(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     for _ in range(n):
         bg, (c,) = draw.contrasting_colours(rng, 1)
         images.append(partial(draw.render_shapes, [{**_shape_params(rng, size, cls), "colour": c}], size, bg))
-    return LazySentence(images, "category", {"class": cls})
+    return LazySentence(images, {"class": cls})
 
 
 def digits(rng: np.random.Generator, n: int, size: int) -> LazySentence:
@@ -254,37 +231,39 @@ def digits(rng: np.random.Generator, n: int, size: int) -> LazySentence:
         side = int(size * rng.uniform(0.5, 0.95))
         x, y = rng.integers(0, size - side + 1, 2)
         images.append(partial(draw.render_digit, pixels[k], size, side, int(x), int(y), bg, c))
-    return LazySentence(images, "category", {"class": cls, "samples": picks.tolist()})
+    return LazySentence(images, {"class": cls, "samples": picks.tolist()})
 
 
 def photo(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """A random square crop of a scikit-image photo."""
     x, info = _photo_crop(rng, size)
-    return LazySentence([x], "single", info)
+    return LazySentence([x], info)
 
 
 def scene(rng: np.random.Generator, n: int, size: int) -> LazySentence:
     """A synthetic scene of 1-5 stacked shapes."""
     x, shape_list, bg = _scene(rng, size, int(rng.integers(1, 6)))
-    return LazySentence([x], "single", {"shapes": shape_list, "background": bg.tolist()})
+    return LazySentence([x], {"shapes": shape_list, "background": bg.tolist()})
 
 
-FAMILIES = {
-    "moving": moving,
-    "rotating": rotating,
-    "scaling": scaling,
-    "recolour": recolour,
-    "pan": pan,
-    "gif": gif,
-    **{name: _transform_analogy(name) for name in draw.TRANSFORMS},
-    "segmentation": segmentation,
-    "depth": depth,
-    "stereo": stereo,
-    "shapes": shapes,
-    "digits": digits,
-    "photo": photo,
-    "scene": scene,
+# The families, each with its kind: the one table the source, the docs and the tests read
+FAMILIES: dict[str, tuple[Kind, Callable[..., LazySentence]]] = {
+    "moving": ("sequence", moving),
+    "rotating": ("sequence", rotating),
+    "scaling": ("sequence", scaling),
+    "recolour": ("sequence", recolour),
+    "pan": ("sequence", pan),
+    "gif": ("sequence", gif),
+    **{name: ("analogy", _transform_analogy(name)) for name in draw.TRANSFORMS},
+    "segmentation": ("analogy", segmentation),
+    "depth": ("analogy", depth),
+    "stereo": ("analogy", stereo),
+    "shapes": ("category", shapes),
+    "digits": ("category", digits),
+    "photo": ("single", photo),
+    "scene": ("single", scene),
 }
+FAMILY_KINDS: dict[str, Kind] = {name: kind for name, (kind, _) in FAMILIES.items()}
 
 
 class BuiltinSource(SentenceSource):
@@ -368,17 +347,17 @@ class BuiltinSource(SentenceSource):
     def lazy(self, split: str, index: int) -> LazySentence:
         """Sentence `index` of `split` with its frames not yet rendered."""
         family, n, rng = self.plan(split, index)
-        s = FAMILIES[family](rng, n, self.image_size, **self.family_options.get(family, {}))
+        s = FAMILIES[family][1](rng, n, self.image_size, **self.family_options.get(family, {}))
         s.meta.update(family=family, split=split, index=index)
         return s
 
     def sentence(self, split: str, index: int) -> VisualSentence:
         s = self.lazy(split, index)
-        return VisualSentence([frame() for frame in s.frames], s.kind, s.meta)
+        return VisualSentence([frame() for frame in s.frames], FAMILY_KINDS[s.meta["family"]], s.meta)
 
     def image(self, split: str, index: int, position: int) -> tuple[np.ndarray, str]:
         s = self.lazy(split, index)
-        return s.frames[position](), s.kind
+        return s.frames[position](), FAMILY_KINDS[s.meta["family"]]
 
     def describe(self, split: str, index: int) -> str:
         return f"builtin {split}[{index}] ({self.plan(split, index)[0]})"

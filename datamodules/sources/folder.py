@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.imageio import IMAGE_EXTENSIONS, BadImage, check_image, load_rgb
-from datamodules.sources.base import KINDS, SentenceSource, VisualSentence, partition
+from datamodules.sources.base import SentenceSource, VisualSentence, partition
 from lvm_pl.console import UserError, say, warn
+from lvm_pl.kinds import KINDS
 
 
 def natural_key(path: Path) -> list:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lvm_pl.batches import Generated, PromptBatch
 from lvm_pl.console import UserError, warn
 from lvm_pl.lvm.model import LLaMA
 from lvm_pl.lvm.sampling import check_sampling, sample
@@ -47,8 +48,9 @@ class GenerationSettings:
 
 
 def window_frames(layout: TokenLayout, block_size: int, max_context_frames: int | None = None) -> int:
-    """Frames of context kept: [BOS] + that many frames + the frame being generated fit in `block_size`."""
-    fit = (block_size - int(layout.add_bos)) // layout.tokens_per_image - 1
+    """Frames of context kept: that many frames and the one being generated fit in `block_size` (its last token is
+    never fed: 4096 / 256 keeps 15)."""
+    fit = layout.frames_that_fit(block_size) - 1
     if fit < 1:
         raise UserError(
             f"model block_size={block_size} cannot hold one prompt image and one generated image of "
@@ -119,7 +121,8 @@ def generate(
     # eager: the cache holds the longest context this call reaches, as each step attends over the whole cache;
     # compiled: always the full window, so one cache shape (one compiled graph) serves every prompt length
     frames_cached = window + 1 if settings.compile else min(window + 1, frames.shape[1] + num_frames)
-    _ensure_cache(model, B, int(layout.add_bos) + frames_cached * tpi)
+    # the last frame's last token is sampled, never fed
+    _ensure_cache(model, B, int(layout.add_bos) + frames_cached * tpi - 1)
     step = compiled_decode_step(model) if settings.compile else decode_step
     draw = dict(
         codebook_size=layout.codebook_size,
@@ -193,15 +196,11 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.no_grad()
 def predict_batch(
-    model: LLaMA, tokenizer: nn.Module, layout: TokenLayout, batch: dict, settings: GenerationSettings
-) -> dict:
-    """A `PromptDataModule` batch -> its prompts' generated tokens and decoded images (`settings.num_candidates` each).
-
-    Prompts of equal length and frame count are generated together. Returns the batch's prompt/truth fields plus
-    `"tokens"`: LongTensor[B, n, F, tokens_per_image], `"generated"`: images [B, n, F, 3, H, W] in [-1, 1] (F is the
-    batch's largest `num_frames`; shorter rows are zero-padded), `"num_tokens"` and `"seconds"` of generation.
-    """
-    prompt, counts, wanted = batch["prompt"], batch["num_prompt"].tolist(), batch["num_frames"].tolist()
+    model: LLaMA, tokenizer: nn.Module, layout: TokenLayout, batch: PromptBatch, settings: GenerationSettings
+) -> Generated:
+    """A prompt batch -> its prompts' generated tokens and decoded images (`settings.num_candidates` each).
+    Prompts of equal length and frame count are generated together."""
+    prompt, counts, wanted = batch.prompt, batch.num_prompt.tolist(), batch.num_frames.tolist()
     B, N = prompt.shape[:2]
     codes = tokenizer.encode(prompt.flatten(0, 1))  # [B*N, h, w]
     grid = codes.shape[1:]
@@ -214,7 +213,7 @@ def predict_batch(
     n, F = settings.num_candidates, max(wanted)
     tokens = codes.new_zeros(B, n, F, layout.tokens_per_image)
     # one generator per batch, seeded by the settings and the batch's first prompt: reruns draw the same images
-    first = int(batch["index"][0]) if "index" in batch else 0
+    first = int(batch.index[0])
     generator = torch.Generator(codes.device).manual_seed(settings.seed * 1_000_003 + first)
     _synchronize(codes.device)
     start = time.perf_counter()
@@ -226,11 +225,6 @@ def predict_batch(
     _synchronize(codes.device)
     seconds = time.perf_counter() - start
     images = tokenizer.decode(tokens.view(-1, *grid))  # [B*n*F, 3, H, W]
-    return {
-        **{k: v for k, v in batch.items() if k != "prompt"},
-        "prompt": prompt,
-        "tokens": tokens,
-        "generated": images.view(B, n, F, *images.shape[1:]),
-        "num_tokens": n * sum(wanted) * layout.tokens_per_image,
-        "seconds": seconds,
-    }
+    return Generated(
+        batch, tokens, images.view(B, n, F, *images.shape[1:]), n * sum(wanted) * layout.tokens_per_image, seconds
+    )

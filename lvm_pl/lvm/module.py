@@ -8,50 +8,65 @@ stored in the hyper-parameters so `LVM.load_from_checkpoint(path)` rebuilds the 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
 
 from lvm_pl import images as image_utils
+from lvm_pl.batches import IGNORE_INDEX, PromptBatch, Sentence, SentenceBatch, TokenBatch, batch_size, batch_tokens
 from lvm_pl.console import UserError, say, warn
 from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.lvm.config import LVMConfig
-from lvm_pl.lvm.evaluation import TestEvaluation, shard_locator
+from lvm_pl.lvm.evaluation import TestEvaluation
+from lvm_pl.lvm.evaluation.metrics import batch_sentences, sentence_frames
 from lvm_pl.lvm.generation import GenerationSettings, predict_batch
 from lvm_pl.lvm.model import LLaMA, RMSNorm
-from lvm_pl.tokens import TokenLayout
+from lvm_pl.lvm.settings import EvalSettings, OptimSettings, settings
+from lvm_pl.stage_data import stage_data
+from lvm_pl.tensorboard import tensorboard
+from lvm_pl.tokens import TokenLayout, resolve_layout
 
-IGNORE_INDEX = -100
+__all__ = ["LVM", "batch_size", "batch_tokens", "RENAMED"]
+
+# arguments of the flat-argument LVM (before December 2026) -> their place now; old checkpoints are migrated, old
+# config keys refused with the new name (see `migrate_hparams` and main.py)
+RENAMED: dict[str, str | None] = {
+    "model": "preset",
+    "model_overrides": "overrides",
+    "vocab_size": None,  # the vocabulary comes from the token layout (shards, tokenizer or checkpoint)
+    **{k: f"optim.{k}" for k in ("lr", "min_lr", "betas", "weight_decay", "exclude_from_decay", "warmup_steps")},
+    "decay_steps": "optim.decay_steps",
+    **{k: f"evaluation.{k}" for k in ("num_preview", "context_frames", "next_frame_examples")},
+}
 
 
-def batch_size(batch: dict) -> int:
-    """Sequences in a batch (for `ThroughputMonitor(batch_size_fn=...)`)."""
-    return len(batch["input_ids"] if "input_ids" in batch else batch["images"])
-
-
-def batch_tokens(batch: dict) -> int:
-    """Tokens in a batch (for `ThroughputMonitor(length_fn=...)`, so its items/s are tokens/s); sentence batches,
-    tokenized inside the step, count one per sentence."""
-    return batch["input_ids"].numel() if "input_ids" in batch else batch_size(batch)
+def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters in today's arguments (those of a flat-argument LVM moved to their groups)."""
+    out = {k: v for k, v in hparams.items() if k not in RENAMED}
+    for old, new in RENAMED.items():
+        if old in hparams and new is not None:
+            group, _, key = new.rpartition(".")
+            (out.setdefault(group, {}) if group else out)[key] = hparams[old]
+    return out
 
 
 class LVM(LightningModule):
-    """LLaMA decoder trained on visual sentences. `model` names a preset of `LVMConfig`, `model_overrides` change it.
+    """LLaMA decoder trained on visual sentences: `preset` names an `LVMConfig` preset, `overrides` change its fields.
+
+    The token layout (vocabulary, tokens per image, special ids) is never configured: one handshake
+    (`lvm_pl.tokens.resolve_layout`) takes it from the checkpoint, the token shards and the tokenizer, which must
+    agree, and stores it in the hyper-parameters so `load_from_checkpoint` rebuilds the model without data.
 
     `init_from`: a checkpoint (e.g. from `import-hf`) whose weights and token layout start this run (weights only:
-    optimizer, schedule and loops start fresh; use `--ckpt_path` to resume a run instead).
-
-    Optimizer: AdamW, optionally without weight decay on norms, embeddings and biases; schedule: linear warmup to
-    `lr`, cosine to `min_lr` at `decay_steps` (default: the Trainer's total steps), then flat at `min_lr`.
-
-    `test` (lvm_pl/lvm/evaluation.py): target-image perplexity by sentence kind, the context-length study over
-    `context_frames` frames (0: off) and greedy next-frame quality on up to `next_frame_examples` sentences (0: off).
-    Both are run settings, not model properties: checkpoints leave them out, so the test config decides.
+    optimizer, schedule and loops start fresh; use `--ckpt_path` to resume a run instead). `tokenizer`: the VQGAN
+    checkpoint that turns images into tokens (image data) and tokens into images (previews, next-frame quality,
+    prompting). `optim`, `evaluation` and `generation` group the run settings; evaluation and generation are run-time
+    inputs, not model properties: checkpoints leave them out, so the test or predict config decides.
 
     `non_finite`: a NaN/Inf training loss stops the run naming the step (`stop`; the last checkpoint stays the last
     good one) or skips that step's update (`skip`).
@@ -59,35 +74,28 @@ class LVM(LightningModule):
 
     def __init__(
         self,
-        model: str = "tiny",
-        model_overrides: dict[str, Any] | None = None,
-        vocab_size: int | None = None,
+        preset: str = "tiny",
+        overrides: dict[str, Any] | None = None,
         layout: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         init_from: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
-        lr: float = 1e-3,
-        min_lr: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        exclude_from_decay: bool = True,
-        warmup_steps: int = 0,
-        decay_steps: int | None = None,
-        num_preview: int = 4,
-        context_frames: int = 0,
-        next_frame_examples: int = 0,
-        non_finite: NonFinitePolicy = "stop",
+        optim: OptimSettings | None = None,
+        evaluation: EvalSettings | None = None,
         generation: GenerationSettings | None = None,
+        non_finite: NonFinitePolicy = "stop",
     ) -> None:
         super().__init__()
+        self.optim = settings(OptimSettings, optim)
+        self.evaluation = settings(EvalSettings, evaluation)
+        self.generation = settings(GenerationSettings, generation)
         # run-time inputs stay out of the checkpoint, so `--ckpt_path` never overrides the ones a command gives
-        self.save_hyperparameters(ignore=["tokenizer", "context_frames", "next_frame_examples", "generation"])
+        self.save_hyperparameters(ignore=["tokenizer", "evaluation", "generation"])
+        self.hparams["optim"] = asdict(self.optim)  # plain data: checkpoints load with weights_only=True
         self.tokenizer_path = tokenizer
-        self.generation = generation or GenerationSettings()
-        self.context_frames, self.next_frame_examples = context_frames, next_frame_examples
         self._evaluation: TestEvaluation | None = None
-        self.config = LVMConfig.from_name(model, **(model_overrides or {}))
+        self.config = LVMConfig.from_name(preset, **(overrides or {}))
         self.model: LLaMA | None = None
         self.tokenizer: torch.nn.Module | None = None
         self._layout = TokenLayout.from_dict(layout) if layout is not None else None
@@ -97,7 +105,7 @@ class LVM(LightningModule):
 
     @property
     def layout(self) -> TokenLayout | None:
-        """The token layout the vocabulary is built for (None until resolved from data, tokenizer or checkpoint)."""
+        """The token layout the vocabulary is built for (None until the handshake in `configure_model`)."""
         return self._layout
 
     def _load_tokenizer(self) -> torch.nn.Module:
@@ -111,28 +119,28 @@ class LVM(LightningModule):
         return self.tokenizer
 
     def _resolve_layout(self) -> TokenLayout:
-        """The layout from checkpoint hparams, the datamodule, or the tokenizer; checked against `vocab_size`."""
-        layout = self._layout
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if layout is None and self.hparams.init_from is not None:
+        """The handshake: checkpoint (or init_from), token shards and tokenizer at the data's image size agree."""
+        data = stage_data(self._trainer)
+        init = None
+        if self.hparams.init_from is not None:
             saved = self._init_checkpoint()[self.CHECKPOINT_HYPER_PARAMS_KEY].get("layout")
-            layout = TokenLayout.from_dict(saved) if saved is not None else None
-        if layout is None and isinstance(getattr(datamodule, "layout", None), TokenLayout):
-            layout = datamodule.layout
-        if layout is None and self.tokenizer_path is not None:
+            init = TokenLayout.from_dict(saved) if saved is not None else None
+        shards = data.layout if data is not None else None
+        from_tokenizer = None
+        if self.tokenizer_path is not None and data is not None and data.image_size is not None:
             tokenizer = self._load_tokenizer()
-            image_size = getattr(datamodule, "image_size", None)
-            if image_size is None:
-                raise UserError("model.tokenizer: on-the-fly tokenizing needs a datamodule with `image_size`")
-            layout = TokenLayout.for_images(tokenizer.codebook_size, image_size, tokenizer.downsample_factor)
-        if layout is None:
-            raise UserError(
-                "model: no token layout: use token shards (datamodules.tokens.TokenDataModule), set model.tokenizer,"
-                " or load a checkpoint"
+            from_tokenizer = TokenLayout.for_images(
+                tokenizer.codebook_size, data.image_size, tokenizer.downsample_factor
             )
-        if self.hparams.vocab_size is not None:
-            layout.check_compatible(self.hparams.vocab_size, f"model.vocab_size={self.hparams.vocab_size}")
-        return layout
+        where = data.describe() if data is not None else None
+        return resolve_layout(
+            {
+                "the LVM checkpoint": self._layout,
+                f"model.init_from={self.hparams.init_from}": init,
+                f"the token shards ({where})": shards,
+            },
+            {f"model.tokenizer={self.tokenizer_path} at data.image_size={data and data.image_size}": from_tokenizer},
+        )
 
     def configure_model(self) -> None:
         """Build the decoder once the layout is known (inside the strategy's init context: sharded under ZeRO-3)."""
@@ -141,7 +149,7 @@ class LVM(LightningModule):
         self._layout = self._resolve_layout()
         self.hparams["layout"] = self._layout.to_dict()  # checkpoints rebuild without data
         self.config = LVMConfig.from_name(
-            self.hparams.model, **{**(self.hparams.model_overrides or {}), "vocab_size": self._layout.vocab_size}
+            self.hparams.preset, **{**(self.hparams.overrides or {}), "vocab_size": self._layout.vocab_size}
         )
         self.model = LLaMA(self.config)
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
@@ -165,8 +173,8 @@ class LVM(LightningModule):
             self.model.load_state_dict(weights)
         except RuntimeError as err:
             raise UserError(
-                f"model.init_from={self.hparams.init_from}: weights do not fit model={self.hparams.model!r}"
-                f" with model_overrides={self.hparams.model_overrides} ({str(err).splitlines()[1].strip()})"
+                f"model.init_from={self.hparams.init_from}: weights do not fit preset={self.hparams.preset!r}"
+                f" with overrides={self.hparams.overrides} ({str(err).splitlines()[1].strip()})"
             ) from None
         say(f"initialised the LVM from {self.hparams.init_from}")
         # the weights are this run's from now on: its checkpoints must not need (or re-read) the source file
@@ -176,74 +184,82 @@ class LVM(LightningModule):
         """Logits [B, T, V] for token ids [B, T]."""
         return self.model(idx, doc_ids=doc_ids)
 
-    def token_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        """A token batch as is; a sentence batch {"images", "num_images"} tokenized into `[BOS] img.. [EOS]` rows."""
-        if "input_ids" in batch:
+    def token_batch(self, batch: SentenceBatch | TokenBatch) -> TokenBatch:
+        """A token batch as is; a sentence batch tokenized into one sentence per row, its whole sentences listed."""
+        if isinstance(batch, TokenBatch):
             return batch
-        images, counts = batch["images"], batch["num_images"]  # [B, N, 3, H, W], [B]
+        if not isinstance(batch, SentenceBatch):
+            raise UserError(f"data: the LVM trains on token or sentence batches, not {type(batch).__name__}")
+        images, counts = batch.images, batch.num_images  # [B, N, 3, H, W], [B]
         self._check_image_size(images.shape[-1])
         B, N = images.shape[:2]
         with torch.no_grad():
             codes = self._load_tokenizer().encode(images.flatten(0, 1)).view(B, N, -1)  # [B, N, h*w]
         # a sentence longer than the context keeps its most recent whole frames (the paper's sliding window)
-        fit = (self.config.block_size + 1 - self._layout.sentence_length(0)) // self._layout.tokens_per_image
-        sentences = [self._layout.sentence(codes[b, max(0, int(counts[b]) - fit) : int(counts[b])]) for b in range(B)]
-        length = max(len(s) for s in sentences) - 1
+        fit = self._layout.frames_that_fit(self.config.block_size, with_eos=True)
+        kept = [min(int(counts[b]), fit) for b in range(B)]
+        rows = [self._layout.sentence(codes[b, int(counts[b]) - kept[b] : int(counts[b])]) for b in range(B)]
+        length = max(len(r) for r in rows) - 1
         input_ids = torch.full((B, length), self._layout.eos_id, dtype=torch.long, device=images.device)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for b, s in enumerate(sentences):
-            input_ids[b, : len(s) - 1], labels[b, : len(s) - 1] = s[:-1], s[1:]
-        return {"input_ids": input_ids, "labels": labels, "doc_ids": torch.zeros_like(input_ids)}
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r) - 1], labels[b, : len(r) - 1] = r[:-1], r[1:]
+        sentences = [Sentence(b, 0, kept[b], batch.kinds[b], int(batch.index[b])) for b in range(B)]
+        return TokenBatch(input_ids, labels, torch.zeros_like(input_ids), sentences=sentences)
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"))  # [B, T, V]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    def _loss(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(batch.input_ids, doc_ids=batch.doc_ids)  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
 
     def on_fit_start(self) -> None:
-        seq_len = getattr(self.trainer.datamodule, "seq_len", None)
-        if isinstance(seq_len, int) and seq_len < self.config.block_size:
+        data = stage_data(self.trainer)
+        seq_len = data.seq_len if data is not None else None
+        if seq_len is not None and seq_len < self.config.block_size:
             warn(
                 f"data.seq_len={seq_len} is shorter than the model's block_size={self.config.block_size}: positions"
                 " past the training window are never trained, yet test and predict fill the whole block_size;"
-                f" set model.model_overrides.block_size to {seq_len}"
+                f" set model.overrides.block_size to {seq_len}"
             )
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: SentenceBatch | TokenBatch, batch_idx: int) -> torch.Tensor | None:
         batch = self.token_batch(batch)
         loss, _ = self._loss(batch)
         if not check_finite({"train/loss": loss}, self.global_step, self.hparams.non_finite):
             return None  # Lightning skips backward and the optimizer step for this batch
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/perplexity", loss.detach().exp())
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/perplexity", loss.detach().exp(), batch_size=len(batch))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch))
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: SentenceBatch | TokenBatch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
 
     def on_test_epoch_start(self) -> None:
-        locate = shard_locator(self.trainer)
-        context = self.context_frames
-        fit = self.config.block_size // self._layout.tokens_per_image - 1  # [BOS] + k context frames + the target
+        context = self.evaluation.context_frames
+        fit = self._layout.frames_that_fit(self.config.block_size) - 1  # context frames beside the target
         if context > fit:
-            warn(f"model.context_frames={context}: the context holds at most {fit} frames; studying 1..{fit}")
+            warn(
+                f"model.evaluation.context_frames={context}: the context holds at most {fit} frames; studying 1..{fit}"
+            )
             context = fit
-        self._evaluation = TestEvaluation(self._layout, context, self.next_frame_examples, locate)
+        data = stage_data(self.trainer)
+        index = data.sentence_index("test") if data is not None else None
+        self._evaluation = TestEvaluation(self._layout, context, self.evaluation.next_frame_examples, index)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: SentenceBatch | TokenBatch, batch_idx: int) -> None:
         tokens, logits = self._eval_step(batch, batch_idx, "test")
         tokenizer = self._load_tokenizer() if self.tokenizer_path is not None else None
-        self._evaluation.update(self.model, batch, tokens, logits, batch_idx, tokenizer)
+        self._evaluation.update(self.model, batch, tokens, logits, tokenizer)
 
-    def _eval_step(self, batch: dict, batch_idx: int, split: str) -> tuple[dict, torch.Tensor]:
-        batch = self.token_batch(batch)
-        loss, logits = self._loss(batch)
-        weight = int((batch["labels"] != IGNORE_INDEX).sum())
+    def _eval_step(self, batch: SentenceBatch | TokenBatch, batch_idx: int, split: str):
+        tokens = self.token_batch(batch)
+        loss, logits = self._loss(tokens)
+        weight = int((tokens.labels != IGNORE_INDEX).sum())
         self.log(f"{split}/loss", loss, sync_dist=True, batch_size=max(weight, 1))
         if split == "val" and batch_idx == 0:
-            self._preview = self._preview_rows(batch, logits)
-        return batch, logits
+            self._preview = self._preview_rows(tokens, logits)
+        return tokens, logits
 
     def on_validation_epoch_end(self) -> None:
         # perplexity of the token-weighted mean loss, not the mean of per-batch perplexities
@@ -252,11 +268,15 @@ class LVM(LightningModule):
             self.log("val/perplexity", loss.exp())
         self._log_preview_grid()
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Generate images for a PromptDataModule batch (see `lvm_pl.lvm.generation.predict_batch`)."""
+    def predict_step(self, batch: PromptBatch, batch_idx: int):
+        """Generate images for a prompt batch (see `lvm_pl.lvm.generation.predict_batch`)."""
         if self.tokenizer_path is None:
             raise UserError("model.tokenizer: prompting needs the VQGAN checkpoint to encode prompts and decode images")
-        self._check_image_size(batch["prompt"].shape[-1])
+        if not isinstance(batch, PromptBatch):
+            raise UserError(
+                f"data: prompting needs prompt data (datamodules.prompts.PromptDataModule), not {type(batch).__name__}"
+            )
+        self._check_image_size(batch.prompt.shape[-1])
         return predict_batch(self.model, self._load_tokenizer(), self.layout, batch, self.generation)
 
     def _check_image_size(self, side: int) -> None:
@@ -275,33 +295,20 @@ class LVM(LightningModule):
         for key, value in self._evaluation.finish(self.trainer).items():
             self.log(key, value, sync_dist=True)  # every rank computed the same value from the gathered records
 
-    def _preview_rows(self, batch: dict, logits: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Teacher-forced preview: for the first whole sentence of each window (>= 2 images), the argmax of the
-        last image's tokens given the true context. Cheap; sampled generation lives in the generation code."""
-        layout, rows = self._layout, []
-        tpi = layout.tokens_per_image
-        for b in range(batch["input_ids"].shape[0]):
-            if len(rows) >= self.hparams.num_preview:
-                break
-            ids, labels, docs = batch["input_ids"][b], batch["labels"][b], batch["doc_ids"][b]
-            # the window's full token stream: inputs plus the one label past the last input
-            stream = torch.cat([ids, labels[-1:].clamp(min=0)])
-            first = stream[: int((docs == docs[0]).sum()) + 1]
-            if first[0] != layout.bos_id or layout.eos_id not in first[1:].tolist():
+    def _preview_rows(self, batch: TokenBatch, logits: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Teacher-forced preview: for the first whole sentence (>= 2 images) of each row, the argmax of the last
+        image's tokens given the true context. Cheap; sampled generation lives in the generation code."""
+        layout, tpi, rows, seen = self._layout, self._layout.tokens_per_image, [], set()
+        data = stage_data(self.trainer)
+        index = data.sentence_index("val") if data is not None else None
+        for s in batch_sentences(batch, layout, index):
+            if len(rows) >= self.evaluation.num_preview or s.row in seen or s.num_images < 2:
                 continue
-            end = 1 + first[1:].tolist().index(layout.eos_id)
-            n = (end - 1) // tpi
-            if n < 2 or (end - 1) % tpi:
-                continue
-            start = layout.image_start(n - 1)
-            predicted = logits[b, start - 1 : start - 1 + tpi, : layout.codebook_size].argmax(-1)  # [tpi]
-            rows.append(
-                {
-                    "context": layout.images(first[: end + 1])[:-1],
-                    "predicted": predicted,
-                    "truth": stream[start : start + tpi],
-                }
-            )
+            seen.add(s.row)
+            frames = sentence_frames(batch, s, layout)  # [N, tpi]
+            start = s.start + layout.image_start(s.num_images - 1)  # the target's first token in the row
+            predicted = logits[s.row, start - 1 : start - 1 + tpi, : layout.codebook_size].argmax(-1)  # [tpi]
+            rows.append({"context": frames[:-1], "predicted": predicted, "truth": frames[-1]})
         return rows
 
     def _images(self, codes: torch.Tensor) -> list:
@@ -318,15 +325,15 @@ class LVM(LightningModule):
         rows, self._preview = self._preview, []
         if not rows or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        logger = next((lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is None:
+        writer = tensorboard(self.loggers)
+        if writer is None:
             return
         cells = [
             [*self._images(r["context"]), *self._images(r["predicted"][None]), *self._images(r["truth"][None])]
             for r in rows
         ]
         picture = image_utils.grid(cells)  # each row: context frames | prediction of the last | truth
-        logger.experiment.add_image("val/context_prediction_truth", picture, self.global_step, dataformats="HWC")
+        writer.add_image("val/context_prediction_truth", picture, self.global_step, dataformats="HWC")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # an LVM checkpoint always carries its token layout (configure_model stores it); others fail here, by name
@@ -334,9 +341,9 @@ class LVM(LightningModule):
             path = self._trainer.ckpt_path if self._trainer is not None else None
             raise UserError(f"ckpt_path={path}: not an LVM checkpoint (no token layout in its hyper-parameters)")
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: SentenceBatch | TokenBatch, batch_idx: int) -> None:
         # FLOPs per batch for ThroughputMonitor's MFU, measured once per batch shape on a meta-device twin
-        shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else None
+        shape = tuple(batch.input_ids.shape) if isinstance(batch, TokenBatch) else None
         if shape is not None and shape != self._flops_shape:
             with torch.device("meta"):
                 twin = LLaMA(self.config)
@@ -351,17 +358,17 @@ class LVM(LightningModule):
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
+        opt = self.optim
         decay, no_decay = [], []
         for module in self.model.modules():
             for name, p in module.named_parameters(recurse=False):
                 excluded = isinstance(module, (RMSNorm, torch.nn.Embedding)) or name == "bias"
-                (no_decay if hp.exclude_from_decay and excluded else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
-        total = hp.decay_steps or int(self.trainer.estimated_stepping_batches)
+                (no_decay if opt.exclude_from_decay and excluded else decay).append(p)
+        groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=opt.lr, betas=opt.betas)
+        total = opt.decay_steps or int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr / hp.lr)
+            optimizer, lambda step: warmup_cosine(step, opt.warmup_steps, total, opt.min_lr / opt.lr)
         )
         say(f"LVM {self.config.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, {total} steps")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

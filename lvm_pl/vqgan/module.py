@@ -11,13 +11,14 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from lvm_pl.atomic import write_json
+from lvm_pl.batches import ImageBatch, SentenceBatch, TokenizedSentences
 from lvm_pl.console import UserError, say
 from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.images import grid, to_uint8
 from lvm_pl.metrics import frechet_inception_distance, inception_weights, psnr, ssim
+from lvm_pl.tensorboard import tensorboard
 from lvm_pl.vqgan.autoencoder import Autoencoder
 from lvm_pl.vqgan.losses import VQGANLoss
 from lvm_pl.vqgan.quantizers import Quantizer
@@ -98,8 +99,8 @@ class VQGAN(LightningModule):
         out = self.quantizer(ae.encode(images))
         return ae.decode(out.quantized), out
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        images = batch["image"]
+    def training_step(self, batch: ImageBatch, batch_idx: int) -> torch.Tensor | None:
+        images = batch.images
         recon, q = self._forward(images, self.autoencoder)
         total, logs = self.loss(images, recon, q.loss, self.autoencoder.last_layer, self.global_step)
         terms = {f"train/{k}": logs[k] for k in ("rec", "perceptual", "codebook", "g", "d", "total") if k in logs}
@@ -142,7 +143,7 @@ class VQGAN(LightningModule):
             _set_rng_states(states)
 
     def _evaluate(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images = batch["image"]
+        images = batch.images
         recon, q = self._forward(images, self._eval_autoencoder())
         recon = recon.clamp(-1, 1)
         counts = q.counts.float()
@@ -167,8 +168,9 @@ class VQGAN(LightningModule):
         counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
         stats = self.quantizer.usage_stats(counts)
         self.log_dict({f"val/{k}": v for k, v in stats.items()}, prog_bar=True)
-        if isinstance(self.logger, TensorBoardLogger):
-            self.logger.experiment.add_histogram("val/code_counts", counts.cpu(), self.global_step)
+        writer = tensorboard(self.loggers)
+        if writer is not None:
+            writer.add_histogram("val/code_counts", counts.cpu(), self.global_step)
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate", "test") and self.loss.perceptual is not None:
@@ -220,22 +222,25 @@ class VQGAN(LightningModule):
             write_json(out, results)
             say(f"test results: {out}")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Sentence batch -> {"tokens": LongTensor[B, N, h, w], "num_images", "kind", "index"}; padding images get 0."""
-        images, num = batch["images"], batch["num_images"]
+    def predict_step(self, batch: SentenceBatch, batch_idx: int) -> TokenizedSentences:
+        """A sentence batch -> its tokens [B, N, h, w]; padding images get 0."""
+        if not isinstance(batch, SentenceBatch):
+            raise UserError("data.unit: tokenizing (predict) needs whole sentences (data.init_args.unit: sentence)")
+        images, num = batch.images, batch.num_images
         b, n, _, h, w = images.shape
         f = self.downsample_factor
         real = torch.arange(n, device=images.device)[None] < num.to(images.device)[:, None]  # [B, N]
         tokens = torch.zeros(b, n, h // f, w // f, dtype=torch.long, device=images.device)
         tokens[real] = self.encode(images[real])  # all real images of the batch in one call
-        return {"tokens": tokens, "num_images": num, "kind": batch["kind"], "index": batch["index"]}
+        return TokenizedSentences(tokens, num, batch.index, batch.kinds)
 
     def _log_grid(self, tag: str, images: torch.Tensor, recon: torch.Tensor) -> None:
-        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+        writer = tensorboard(self.loggers)
+        if writer is None or not self.trainer.is_global_zero:
             return
         k = self.hparams.num_logged_images
         rows = [list(to_uint8(images[:k])), list(to_uint8(recon[:k]))]  # inputs above, reconstructions below
-        self.logger.experiment.add_image(tag, grid(rows), self.global_step, dataformats="HWC")
+        writer.add_image(tag, grid(rows), self.global_step, dataformats="HWC")
 
     def configure_optimizers(self):
         """AdamW with two groups (autoencoder + quantizer, discriminator); warmup then cosine to min_lr_ratio."""

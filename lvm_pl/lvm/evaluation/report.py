@@ -1,0 +1,82 @@
+"""Reporting the LVM's evaluation: the results JSON, the context-length table and plot, TensorBoard scalars."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from lvm_pl import atomic
+from lvm_pl.tensorboard import tensorboard
+
+RESULTS_FILE = "lvm_test_results.json"
+CONTEXT_FILE = "context_length"  # .csv, .json, .png
+
+
+def write_results(directory: str | Path, results: dict) -> Path:
+    """Write `lvm_test_results.json` (atomically) into `directory`; returns its path."""
+    path = Path(directory) / RESULTS_FILE
+    atomic.write_json(path, results)
+    return path
+
+
+def write_context_table(directory: str | Path, rows: list[dict], description: str) -> list[Path]:
+    """Write `context_length.{csv,json,png}` (atomically) into `directory`; returns the paths."""
+    directory = Path(directory)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = [directory / f"{CONTEXT_FILE}.{ext}" for ext in ("csv", "json", "png")]
+    atomic.write_text(paths[0], buf.getvalue())
+    atomic.write_json(paths[1], {"frames": description, "rows": rows})
+    atomic.write_bytes(paths[2], context_plot(rows))
+    return paths
+
+
+def context_plot(rows: list[dict]) -> bytes:
+    """PNG bytes of perplexity against the number of context frames (Agg canvas: no display, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    k = [r["context_frames"] for r in rows]
+    ax.plot(k, [r["perplexity"] for r in rows], marker="o", label="codebook ids (headline)")
+    ax.plot(k, [r["perplexity_plain"] for r in rows], marker=".", linestyle="--", label="whole vocabulary")
+    ax.set_xlabel("context frames")
+    ax.set_ylabel("perplexity of the target frame")
+    ax.set_title(f"context length ({rows[0]['examples']} sequences)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def scalars(results: dict) -> dict[str, float]:
+    """The results' headline figures as `test/...` scalars for `self.log` (finite ones only)."""
+    out = {}
+    for kind, s in results["target_perplexity"].items():
+        suffix = "" if kind == "all" else f"/{kind}"
+        out[f"test/target_perplexity{suffix}"] = s["perplexity"]
+        out[f"test/target_perplexity_plain{suffix}"] = s["perplexity_plain"]
+    for kind, s in results["next_frame"].items():
+        suffix = "" if kind == "all" else f"/{kind}"
+        for field in ("predicted_psnr", "predicted_ssim", "copy_last_psnr", "copy_last_ssim"):
+            out[f"test/next_frame/{field}{suffix}"] = s[field]
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def log_context_scalars(loggers, table: list[dict]) -> None:
+    """TensorBoard scalars with the number of context frames as the step (`self.log` cannot choose the step)."""
+    writer = tensorboard(loggers)
+    if writer is None:
+        return
+    for row in table:
+        writer.add_scalar("test/context_length/perplexity", row["perplexity"], row["context_frames"])
+        writer.add_scalar("test/context_length/perplexity_plain", row["perplexity_plain"], row["context_frames"])
+    writer.flush()
