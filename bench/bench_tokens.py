@@ -46,7 +46,7 @@ def bench_loader(num_tokens: int, workers: int, seq_len: int = 4096, batch_size:
         while time.perf_counter() - start < min_seconds or epochs == 0:
             loader.sampler.set_epoch(epochs)
             for batch in loader:
-                tokens += batch["input_ids"].numel()
+                tokens += batch.input_ids.numel()
             epochs += 1
         seconds = time.perf_counter() - start
     return {

@@ -104,3 +104,11 @@ def test_old_config_file_names_the_file_and_new_key(repo_root, tmp_path):
     assert f"error: {old_yaml}: model.init_args.lr is no longer an LVM argument; use model.init_args.optim.lr" in (
         out.stderr
     )
+
+
+def test_old_lvm_checkpoint_loads_in_python(old):
+    from lvm_pl.lvm.module import LVM
+
+    model = LVM.load_from_checkpoint(old / "lvm.ckpt")
+    assert model.hparams.preset == "tiny" and model.optim.lr == 1e-3 and model.config.n_embd == 32
+    assert model.layout.codebook_size == 16 and model.model is not None

@@ -116,8 +116,8 @@ def import_hf(
     # `_class_path` as LightningCLI writes it: `--ckpt_path` then applies these hyper-parameters to the model config
     hparams = {
         "_class_path": f"{LVM.__module__}.{LVM.__qualname__}",
-        "model": preset,
-        "model_overrides": overrides,
+        "preset": preset,
+        "overrides": overrides,
         "layout": layout.to_dict(),
     }
     checkpoint = {

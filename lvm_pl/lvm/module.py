@@ -103,6 +103,16 @@ class LVM(LightningModule):
         self._flops_shape: tuple[int, int] | None = None
         self.flops_per_batch: int | None = None  # ThroughputMonitor reads it; set per token-batch shape
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs: Any) -> LVM:
+        """Lightning's loading, with a flat-argument LVM's hyper-parameters migrated to today's arguments."""
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        hparams = saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+        if hparams.keys() & RENAMED.keys():
+            kwargs = {**migrate_hparams(hparams), **kwargs}
+            kwargs.pop("_class_path", None), kwargs.pop("_instantiator", None)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+
     @property
     def layout(self) -> TokenLayout | None:
         """The token layout the vocabulary is built for (None until the handshake in `configure_model`)."""
