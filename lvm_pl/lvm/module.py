@@ -223,14 +223,25 @@ class LVM(LightningModule):
         return loss, logits
 
     def on_fit_start(self) -> None:
-        data = stage_data(self.trainer)
-        seq_len = data.seq_len if data is not None else None
+        seq_len = self._data_window()
         if seq_len is not None and seq_len < self.config.block_size:
             warn(
                 f"data.seq_len={seq_len} is shorter than the model's block_size={self.config.block_size}: positions"
                 " past the training window are never trained, yet test and predict fill the whole block_size;"
-                f" set model.overrides.block_size to {seq_len}"
+                f" set model.init_args.overrides.block_size to {seq_len}"
             )
+
+    def _data_window(self) -> int | None:
+        """The data's window length, refused (one line naming both values) when the model cannot hold it."""
+        data = stage_data(self.trainer)
+        seq_len = data.seq_len if data is not None else None
+        if seq_len is not None and seq_len > self.config.block_size:
+            raise UserError(
+                f"data.seq_len={seq_len} is longer than the model's block_size={self.config.block_size}: set"
+                f" data.init_args.seq_len to {self.config.block_size} (or model.init_args.overrides.block_size to"
+                f" {seq_len}); configs compose left to right, so the last -c that sets it wins"
+            )
+        return seq_len
 
     def training_step(self, batch: SentenceBatch | TokenBatch, batch_idx: int) -> torch.Tensor | None:
         batch = self.token_batch(batch)
@@ -246,6 +257,7 @@ class LVM(LightningModule):
         self._eval_step(batch, batch_idx, "val")
 
     def on_test_epoch_start(self) -> None:
+        self._data_window()
         context = self.evaluation.context_frames
         fit = self._layout.frames_that_fit(self.config.block_size) - 1  # context frames beside the target
         if context > fit:
