@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
+from helpers import GreyTokenizer, cpu_trainer
 from PIL import Image
-from test_generation import FakeTokenizer
 from torch import nn
 
 from callbacks.image_writer import ImageWriter
 from datamodules.prompts import PromptDataModule, collate_prompts, split_sentence
 from datamodules.sources.builtin import BuiltinSource
 from lvm_pl import images as image_utils
+from lvm_pl.batches import PromptBatch
 from lvm_pl.console import UserError
-from lvm_pl.lvm.generation import GenerationSettings, predict_batch
+from lvm_pl.lvm.generation import GenerationSettings
 from lvm_pl.lvm.module import LVM
+from lvm_pl.lvm.settings import OptimSettings
 from lvm_pl.tokens import TokenLayout
 
 
@@ -31,8 +32,10 @@ def write_images(folder: Path, names: list[str], size: int = 20) -> list[str]:
     return names
 
 
-def batch_of(dm: PromptDataModule) -> dict:
-    return next(iter(dm.predict_dataloader()))
+def batch_of(dm: PromptDataModule) -> PromptBatch:
+    batch = next(iter(dm.predict_dataloader()))
+    assert isinstance(batch, PromptBatch)
+    return batch
 
 
 def test_yaml_file_prompts_resolve_paths_kinds_and_frames(tmp_path):
@@ -51,11 +54,12 @@ def test_yaml_file_prompts_resolve_paths_kinds_and_frames(tmp_path):
         ("00002_category", "category", 3, 1, 0),
     ]
     batch = batch_of(dm)
-    assert batch["prompt"].shape == (3, 3, 3, 16, 16) and batch["truth"].shape == (3, 1, 3, 16, 16)
-    assert batch["num_prompt"].tolist() == [2, 3, 1] and batch["num_truth"].tolist() == [1, 0, 0]
-    assert batch["num_frames"].tolist() == [2, 1, 3] and batch["kind"] == ["sequence", "analogy", "category"]
-    assert batch["prompt"].min() >= -1 and batch["prompt"].max() <= 1
-    assert (batch["prompt"][2, 1:] == 0).all()  # padding past a prompt's images
+    assert batch.prompt.shape == (3, 3, 3, 16, 16) and batch.truth.shape == (3, 1, 3, 16, 16)
+    assert batch.num_prompt.tolist() == [2, 3, 1] and batch.num_truth.tolist() == [1, 0, 0]
+    assert batch.num_frames.tolist() == [2, 1, 3] and batch.kinds == ["sequence", "analogy", "category"]
+    assert batch.names == ["walk", "00001_analogy", "00002_category"] and batch.index.tolist() == [0, 1, 2]
+    assert batch.prompt.min() >= -1 and batch.prompt.max() <= 1
+    assert (batch.prompt[2, 1:] == 0).all()  # padding past a prompt's images
 
 
 def test_jsonl_file_prompts(tmp_path):
@@ -148,34 +152,25 @@ def test_collate_pads_prompts_and_missing_truth():
         },
     ]
     batch = collate_prompts(items)
-    assert batch["prompt"].shape == (2, 2, 3, 4, 4) and batch["truth"].shape == (2, 3, 3, 4, 4)
-    assert batch["num_truth"].tolist() == [0, 3] and (batch["truth"][0] == 0).all()
-
-
-class PromptingLVM(LVM):
-    """The LVM with the predict wiring `lvm_pl/lvm/generation.py` asks module.py for."""
-
-    def __init__(self, generation: GenerationSettings | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.generation = generation or GenerationSettings()
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return predict_batch(self.model, self._load_tokenizer(), self.layout, batch, self.generation)
+    assert batch.prompt.shape == (2, 2, 3, 4, 4) and batch.truth.shape == (2, 3, 3, 4, 4)
+    assert batch.num_truth.tolist() == [0, 3] and (batch.truth[0] == 0).all()
+    assert batch.kinds == ["sequence", "x"] and batch.names == ["a", "b"] and batch.num_frames.tolist() == [1, 2]
 
 
 def test_predict_writes_a_grid_per_prompt_and_a_png_per_frame(tmp_path):
     size, layout = 16, TokenLayout(codebook_size=16, tokens_per_image=16, num_special=4)
-    module = PromptingLVM(
+    module = LVM(
         generation=GenerationSettings(temperature=1.0, top_k=8, num_candidates=2, max_context_frames=3),
-        model="tiny",
-        model_overrides={"n_embd": 32, "n_layer": 1, "n_head": 2, "intermediate_size": 64, "block_size": 128},
+        preset="tiny",
+        overrides={"n_embd": 32, "n_layer": 1, "n_head": 2, "intermediate_size": 64, "block_size": 128},
         layout=layout.to_dict(),
+        tokenizer="fake.ckpt",
     )
-    object.__setattr__(module, "tokenizer", FakeTokenizer(layout.codebook_size))
+    object.__setattr__(module, "tokenizer", GreyTokenizer(layout.codebook_size))  # as load_tokenizer would
     source = BuiltinSource(splits={"train": 0, "val": 6, "test": 0}, sequence_length=(2, 5), category_size=(2, 3))
     dm = PromptDataModule(source=source, num_frames=2, image_size=size, batch_size=4)
     writer = ImageWriter(output_dir=str(tmp_path / "out"))
-    trainer = Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+    trainer = cpu_trainer(callbacks=[writer])
     trainer.predict(module, datamodule=dm, return_predictions=False)
 
     prompts = dm.prompts
@@ -191,12 +186,12 @@ def test_predict_writes_a_grid_per_prompt_and_a_png_per_frame(tmp_path):
     assert not list((tmp_path / "out").rglob("*.tmp"))  # atomic writes leave no temporaries
 
 
-class CLIPromptingLVM(PromptingLVM):
-    """`PromptingLVM` whose `tokenizer` path loads the fake 4x tokenizer (no VQGAN checkpoint in unit tests)."""
+class CLIPromptingLVM(LVM):
+    """The LVM whose `tokenizer` path loads the fake 4x tokenizer (no VQGAN checkpoint in unit tests)."""
 
-    def _load_tokenizer(self) -> FakeTokenizer:
+    def _load_tokenizer(self) -> GreyTokenizer:
         if self.tokenizer is None:
-            object.__setattr__(self, "tokenizer", FakeTokenizer(16))
+            object.__setattr__(self, "tokenizer", GreyTokenizer(16))
         return self.tokenizer
 
 
@@ -214,7 +209,7 @@ def test_generate_yaml_predicts_through_the_cli(repo_root, tmp_path):
     from main import cli
 
     args = ["predict", "-c", generate_yaml(repo_root, tmp_path)]
-    args += ["--model.init_args.model_overrides", '{"n_embd": 32, "n_layer": 1, "n_head": 2, "block_size": 160}']
+    args += ["--model.init_args.overrides", '{"n_embd": 32, "n_layer": 1, "n_head": 2, "block_size": 160}']
     args += ["--data.init_args.limit", "3", "--data.init_args.image_size", "16", "--trainer.accelerator", "cpu"]
     args += ["--data.init_args.source.init_args.splits", '{"train": 0, "val": 8, "test": 0}']
     args += ["--trainer.callbacks.init_args.output_dir", str(tmp_path / "gen")]
@@ -232,7 +227,7 @@ def test_prompt_data_configs_compose_with_generate_yaml(repo_root, tmp_path, nam
     write_images(tmp_path / "prompts" / "clip", ["a.png", "b.png"])
     (tmp_path / "prompts.yaml").write_text(yaml.safe_dump([{"images": ["prompts/clip/a.png"]}]))
     args = ["predict", "-c", generate_yaml(repo_root, tmp_path), "-c", str(repo_root / "configs/data" / name)]
-    args += ["--model.init_args.model_overrides", '{"n_embd": 32, "n_layer": 1, "n_head": 2, "block_size": 160}']
+    args += ["--model.init_args.overrides", '{"n_embd": 32, "n_layer": 1, "n_head": 2, "block_size": 160}']
     args += ["--data.init_args.image_size", "16", "--trainer.accelerator", "cpu", "--trainer.logger", "false"]
     run = cli(args)
     assert [len(p.images) for p in run.datamodule.prompts] == ([1] if name == "prompts_file.yaml" else [2])
@@ -254,7 +249,7 @@ class PaletteTokenizer(nn.Module):
         return nn.functional.interpolate(q.float() / (self.levels - 1) * 2 - 1, scale_factor=4)  # [B, 3, H, W]
 
 
-class PaletteLVM(PromptingLVM):
+class PaletteLVM(LVM):
     def _load_tokenizer(self) -> PaletteTokenizer:
         if self.tokenizer is None:
             object.__setattr__(self, "tokenizer", PaletteTokenizer())
@@ -274,22 +269,21 @@ def test_tiny_lvm_trained_on_builtin_sequences_continues_one_into_a_png(tmp_path
         source = dict(weights={"moving": 1.0}, sequence_length=(4, 6))
         module = PaletteLVM(
             generation=GenerationSettings(temperature=0, max_context_frames=15),
-            model="tiny",
-            model_overrides={"n_embd": 96, "n_layer": 3, "n_head": 4, "intermediate_size": 256, "block_size": 512},
+            preset="tiny",
+            overrides={"n_embd": 96, "n_layer": 3, "n_head": 4, "intermediate_size": 256, "block_size": 512},
             tokenizer="palette",
-            lr=3e-3,
-            warmup_steps=20,
+            optim=OptimSettings(lr=3e-3, warmup_steps=20),
         )
         train = VisualSentenceDataModule(
             BuiltinSource(splits={"train": 512, "val": 0, "test": 0}, **source), 32, "sentence", batch_size=8
         )
-        fit = Trainer(accelerator="cpu", max_steps=300, logger=False, enable_checkpointing=False)
+        fit = cpu_trainer(max_steps=300)
         fit.fit(module, datamodule=train)
         prompts = PromptDataModule(
             source=BuiltinSource(splits={"train": 0, "val": 6, "test": 0}, **source), num_frames=1, image_size=32
         )
         writer = ImageWriter(output_dir=str(tmp_path / "out"))
-        Trainer(accelerator="cpu", logger=False, callbacks=[writer]).predict(module, prompts, return_predictions=False)
+        cpu_trainer(callbacks=[writer]).predict(module, prompts, return_predictions=False)
     finally:
         torch.set_num_threads(threads)
     generated = [np.asarray(Image.open(tmp_path / "out" / p.name / "c0_f0.png"), float) for p in prompts.prompts]

@@ -12,6 +12,7 @@ import torch
 from datamodules import BuiltinSource, VisualSentenceDataModule
 from datamodules.sources import builtin_draw as draw
 from datamodules.sources.builtin import FAMILIES, FAMILY_KINDS
+from lvm_pl.batches import ImageBatch, SentenceBatch
 from lvm_pl.console import UserError
 from lvm_pl.images import to_tensor
 
@@ -35,7 +36,7 @@ def test_same_seed_same_bytes_and_other_seed_differs():
 
 def test_sentence_does_not_depend_on_order_or_worker():
     dm = VisualSentenceDataModule(BuiltinSource(), image_size=32, unit="sentence", batch_size=4, num_workers=2)
-    loaded = torch.cat([b["images"][:, 0] for b in dm.val_dataloader()])  # first image of each, via 2 workers
+    loaded = torch.cat([b.images[:, 0] for b in dm.val_dataloader()])  # first image of each, via 2 workers
     for i in reversed(range(dm.split_size("val"))):
         assert torch.equal(loaded[i], dm.dataset("val")[i]["images"][0])
 
@@ -188,12 +189,13 @@ def test_max_images_cuts_and_batches_follow_the_contract():
         only("moving").source, image_size=16, unit="sentence", max_images=3, batch_size=4, min_images=2
     )
     batch = next(iter(dm.train_dataloader()))
-    assert batch["images"].shape[1:] == (3, 3, 16, 16) and batch["images"].dtype == torch.float32
-    assert batch["images"].min() >= -1 and batch["images"].max() <= 1
-    assert batch["num_images"].max() <= 3 and batch["index"].dtype == torch.long
+    assert isinstance(batch, SentenceBatch) and len(batch) == 4 and batch.kinds == ["sequence"] * 4
+    assert batch.images.shape[1:] == (3, 3, 16, 16) and batch.images.dtype == torch.float32
+    assert batch.images.min() >= -1 and batch.images.max() <= 1
+    assert batch.num_images.max() <= 3 and batch.index.dtype == torch.long
     img = VisualSentenceDataModule(only("photo").source, image_size=16, batch_size=5)
     b = next(iter(img.val_dataloader()))
-    assert b["image"].shape == (5, 3, 16, 16) and b["kind"] == ["single"] * 5
+    assert isinstance(b, ImageBatch) and b.images.shape == (5, 3, 16, 16) and b.kinds == ["single"] * 5
 
 
 def test_bad_config_values_raise_user_errors():

@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from helpers import TESTS, cpu_trainer, save_checkpoint
+from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from callbacks.token_writer import RunLock, TokenWriter
+from datamodules.sentences import collate_sentences
 from datamodules.tokens import TokenDataModule
 from lvm_pl import shards
+from lvm_pl.batches import SentenceBatch, TokenizedSentences
 from lvm_pl.console import UserError
 from lvm_pl.images import to_tensor
+from lvm_pl.stage_data import StageData
 from lvm_pl.tokens import TokenLayout
 
 IMAGE_SIZE, F_DOWN, K = 8, 4, 16
@@ -34,13 +38,13 @@ class FakeTokenizer(LightningModule):
         pooled = F.avg_pool2d(images.mean(1, keepdim=True), F_DOWN)[:, 0]
         return ((pooled + 1) / 2 * K).long().clamp(0, K - 1)
 
-    def predict_step(self, batch, batch_idx):
-        self.encoded += batch["index"].tolist()
+    def predict_step(self, batch: SentenceBatch, batch_idx: int) -> TokenizedSentences:
+        self.encoded += batch.index.tolist()
         if batch_idx == self.fail_at_batch:
             raise RuntimeError("simulated crash")
-        b, n = batch["images"].shape[:2]
-        tokens = self.encode(batch["images"].flatten(0, 1)).unflatten(0, (b, n))  # [B, N, h, w]
-        return {"tokens": tokens, "num_images": batch["num_images"], "kind": batch["kind"], "index": batch["index"]}
+        b, n = batch.images.shape[:2]
+        tokens = self.encode(batch.images.flatten(0, 1)).unflatten(0, (b, n))  # [B, N, h, w]
+        return TokenizedSentences(tokens, batch.num_images, batch.index, batch.kinds)
 
 
 class _Sentences(Dataset):
@@ -53,20 +57,8 @@ class _Sentences(Dataset):
     def __getitem__(self, i):
         n = 1 + i % 3
         g = torch.Generator().manual_seed(i)
-        return torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1, f"kind{i % 2}", i
-
-
-def _collate(items):
-    n = max(x[0].shape[0] for x in items)
-    images = torch.zeros(len(items), n, 3, IMAGE_SIZE, IMAGE_SIZE)
-    for b, (x, _, _) in enumerate(items):
-        images[b, : len(x)] = x
-    return {
-        "images": images,
-        "num_images": torch.tensor([len(x[0]) for x in items]),
-        "kind": [x[1] for x in items],
-        "index": torch.tensor([x[2] for x in items]),
-    }
+        images = torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1
+        return {"images": images, "kind": f"kind{i % 2}", "index": i}  # as SentenceDataset's items
 
 
 class _SkipSampler(DistributedSampler):
@@ -81,33 +73,40 @@ class _SkipSampler(DistributedSampler):
         return iter(self.indices)
 
 
-class FakeSentenceData(LightningDataModule):
-    """Stands in for VisualSentenceDataModule(unit="sentence"): same batch dict, `image_size`, `predict_split`."""
+class FakeSentenceData(LightningDataModule, StageData):
+    """Stands in for VisualSentenceDataModule(unit="sentence"): its batches, `image_size`, `predict_split`.
+    `can_skip`: leaves the sentences `skip_predict` names out of predict; else serves them all again."""
+
+    layout, seq_len = None, None
 
     def __init__(self, count: int = 23, batch_size: int = 4, predict_split: str = "train", can_skip: bool = False):
         super().__init__()
         self.count, self.batch_size, self.predict_split, self.image_size = count, batch_size, predict_split, IMAGE_SIZE
-        if can_skip:
-            self.predict_skip: set[int] = set()
+        self.can_skip, self.skip = can_skip, set()
+
+    def skip_predict(self, indices: set[int]) -> None:
+        if self.can_skip:
+            self.skip = set(indices)
 
     def predict_dataloader(self):
-        skip = getattr(self, "predict_skip", set())
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = _SkipSampler(self.count, world, rank, skip) if skip else None
-        return DataLoader(_Sentences(self.count), batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)
+        sampler = _SkipSampler(self.count, world, rank, self.skip) if self.skip else None
+        data = _Sentences(self.count)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_sentences)
+
+
+class UnnumberedSentenceData(FakeSentenceData):
+    """Sentence data that does not declare `skip_predict`: StageData's default refuses a resume."""
+
+    skip_predict = StageData.skip_predict
 
 
 def _tokenize(out, fail_at_batch=-1, shard_tokens=40, checkpoint=None, **data):
     """Tokenize `FakeSentenceData(**data)` into `out`; returns the sentence indices the model encoded."""
     model = FakeTokenizer(fail_at_batch, checkpoint)
-    trainer = Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[TokenWriter(str(out), split="train", shard_tokens=shard_tokens, num_special=4)],
-    )
-    trainer.predict(model, FakeSentenceData(**data), return_predictions=False)
+    trainer = cpu_trainer(callbacks=[TokenWriter(str(out), split="train", shard_tokens=shard_tokens, num_special=4)])
+    data_class = data.pop("data_class", FakeSentenceData)
+    trainer.predict(model, data_class(**data), return_predictions=False)
     return model.encoded
 
 
@@ -127,10 +126,10 @@ def test_tokenize_shards_windows_reproduce_encode(tmp_path):
     assert manifest["image_size"] == IMAGE_SIZE and manifest["counts"]["shards"] > 1
     # the documented layout, rebuilt from the tokenizer's own encode output
     model, data = FakeTokenizer(), _Sentences(23)
-    expected = torch.cat([layout.sentence(model.encode(data[i][0])) for i in range(23)])
+    expected = torch.cat([layout.sentence(model.encode(data[i]["images"])) for i in range(23)])
     dm = TokenDataModule(train=str(tmp_path / "out"), seq_len=16, batch_size=4, shuffle=False)
     dm.setup("fit")
-    labels = torch.cat([b["labels"] for b in dm.train_dataloader()]).flatten()
+    labels = torch.cat([b.labels for b in dm.train_dataloader()]).flatten()
     assert torch.equal(labels[labels != -100], expected[1:])
     kinds = [
         idx.kinds[k]
@@ -143,11 +142,9 @@ def test_tokenize_shards_windows_reproduce_encode(tmp_path):
 
 
 def test_manifest_records_the_ckpt_path_checkpoint(tmp_path):
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(FakeTokenizer())
-    trainer.save_checkpoint(tmp_path / "tok.ckpt")
+    save_checkpoint(FakeTokenizer(), tmp_path / "tok.ckpt")
     writer = TokenWriter(str(tmp_path / "out"), num_special=4)
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
+    trainer = cpu_trainer(callbacks=[writer])
     trainer.predict(FakeTokenizer(), FakeSentenceData(), ckpt_path=tmp_path / "tok.ckpt", return_predictions=False)
     tokenizer = shards.load_manifest(tmp_path / "out").data["tokenizer"]
     assert tokenizer == {"checkpoint": str(tmp_path / "tok.ckpt"), "sha256": shards.sha256_file(tmp_path / "tok.ckpt")}
@@ -175,9 +172,18 @@ def test_resume_leaves_written_sentences_out_of_predict_when_the_data_can(tmp_pa
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
 
 
+def test_resume_with_data_that_cannot_skip_sentences_is_a_user_error(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _tokenize(tmp_path / "run", fail_at_batch=4)
+    with pytest.raises(UserError, match="UnnumberedSentenceData cannot resume a tokenize run"):
+        _tokenize(tmp_path / "run", data_class=UnnumberedSentenceData)
+    _tokenize(tmp_path / "fresh", data_class=UnnumberedSentenceData)  # nothing to resume: it tokenizes
+    assert shards.load_manifest(tmp_path / "fresh").data["counts"]["sentences"] == 23
+
+
 _KILL_SCRIPT = """
 import os, signal, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {helpers!r}]
 import test_tokenize as t
 from callbacks.token_writer import TokenWriter
 orig = TokenWriter._flush
@@ -192,7 +198,7 @@ t._tokenize({out!r})
 
 def test_killed_run_leaves_stale_lock_that_is_taken_over(tmp_path):
     _tokenize(tmp_path / "ref")
-    script = _KILL_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path / "run"))
+    script = _KILL_SCRIPT.format(tests=os.path.dirname(__file__), helpers=str(TESTS), out=str(tmp_path / "run"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (tmp_path / "run" / ".lock-train-r00000").exists()
@@ -263,13 +269,7 @@ def test_tokenize_real_sentence_data_val_split(tmp_path):
         source = BuiltinSource(splits={"train": 3, "val": 7, "test": 0}, sequence_length=(2, 3), category_size=(2, 3))
         return VisualSentenceDataModule(source, image_size=16, unit="sentence", batch_size=3, predict_split="val")
 
-    trainer = Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[TokenWriter(str(tmp_path / "val"), split="val", shard_tokens=64, num_special=4)],
-    )
+    trainer = cpu_trainer(callbacks=[TokenWriter(str(tmp_path / "val"), split="val", shard_tokens=64, num_special=4)])
     trainer.predict(FakeTokenizer(), data(), return_predictions=False)
     reference, model = data(), FakeTokenizer()
     layout = TokenLayout(codebook_size=K, tokens_per_image=16, num_special=4)
@@ -285,7 +285,7 @@ def test_tokenize_real_sentence_data_val_split(tmp_path):
 
 _DDP_SCRIPT = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {helpers!r}]
 import test_tokenize as t
 from lightning.pytorch import Trainer
 from callbacks.token_writer import TokenWriter
@@ -301,7 +301,9 @@ trainer.predict(t.FakeTokenizer(fail_at_batch={fail}), t.FakeSentenceData(batch_
 def test_ddp_ranks_write_their_own_shards_and_resume(tmp_path):
     def run(out, fail=-1):
         script = tmp_path / "ddp_tokenize.py"
-        script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(out), fail=fail))
+        script.write_text(
+            _DDP_SCRIPT.format(tests=os.path.dirname(__file__), helpers=str(TESTS), out=str(out), fail=fail)
+        )
         return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
     proc = run(tmp_path / "ref")
@@ -344,10 +346,7 @@ def test_vqgan_tokenize_end_to_end_reproduces_encode(tmp_path, repo_root):
     small += ["--data.init_args.num_workers", "0", "--data.init_args.max_images", "3"]
     built = cli([*base, *small, "--trainer.logger", "false"], run=False)
     model, data = built.model, built.datamodule  # random weights: any token map will do
-    trainer = Trainer(accelerator="cpu", logger=False)
-    trainer.strategy.connect(model)
-    ckpt = tmp_path / "vqgan.ckpt"
-    trainer.save_checkpoint(ckpt)
+    ckpt = save_checkpoint(model, tmp_path / "vqgan.ckpt")
 
     out = tmp_path / "tokens" / "val"
     split = ["--data.init_args.predict_split", "val", "--trainer.callbacks.init_args.split", "val"]
@@ -369,6 +368,6 @@ def test_vqgan_tokenize_end_to_end_reproduces_encode(tmp_path, repo_root):
     dm = TokenDataModule(val=str(out), seq_len=64, batch_size=4, eval_windows="stream")
     dm.setup("validate")
     batches = list(dm.val_dataloader())
-    labels = torch.cat([b["labels"] for b in batches]).flatten()
+    labels = torch.cat([b.labels for b in batches]).flatten()
     assert torch.equal(labels[labels != -100], expected[1:])
-    assert torch.equal(batches[0]["input_ids"][0], expected[:64])
+    assert torch.equal(batches[0].input_ids[0], expected[:64])

@@ -7,8 +7,11 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from helpers import GreyTokenizer
 from torch import nn
 
+from datamodules.prompts import collate_prompts
+from lvm_pl.batches import Generated, PromptBatch
 from lvm_pl.console import UserError
 from lvm_pl.lvm.config import LVMConfig
 from lvm_pl.lvm.generation import (
@@ -103,7 +106,9 @@ class PrefillSpy:
 
 @pytest.mark.filterwarnings("ignore:.*keeps its last")
 @pytest.mark.parametrize(
-    "block_size,max_context_frames,window,prefills", [(21, None, 4, 3), (64, 2, 2, 4), (64, 15, 14, 1)]
+    # block 20 = [BOS] + 4 frames + the generated frame's first 3 tokens (its last is never fed): window 4
+    "block_size,max_context_frames,window,prefills",
+    [(20, None, 4, 3), (21, None, 4, 3), (64, 2, 2, 4), (64, 15, 15, 1)],
 )
 def test_sliding_window_keeps_the_most_recent_whole_frames(block_size, max_context_frames, window, prefills):
     model = tiny_model(block_size=block_size)
@@ -131,8 +136,9 @@ def test_sliding_window_keeps_the_most_recent_whole_frames(block_size, max_conte
 
 
 def test_window_frames_rejects_a_context_that_cannot_hold_two_images():
-    with pytest.raises(UserError, match="block_size=8"):
-        window_frames(LAYOUT, 8)
+    assert window_frames(LAYOUT, 8) == 1  # [BOS] + one frame + 3 tokens of the generated one
+    with pytest.raises(UserError, match="block_size=7"):
+        window_frames(LAYOUT, 7)
 
 
 def test_a_batch_row_generates_as_it_does_alone():
@@ -153,52 +159,43 @@ def test_bad_settings_are_user_errors():
         GenerationSettings(top_p=0.0)
 
 
-class FakeTokenizer(nn.Module):
-    """4x downsampling 'VQ': the mean of each 4x4 patch quantized to `codebook_size` grey levels, and back."""
-
-    def __init__(self, codebook_size: int) -> None:
-        super().__init__()
-        self.codebook_size, self.downsample_factor = codebook_size, 4
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        grey = nn.functional.avg_pool2d(images.mean(1, keepdim=True), 4)[:, 0]  # [B, h, w] in [-1, 1]
-        return ((grey + 1) / 2 * (self.codebook_size - 1)).round().long()
-
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        grey = indices.float() / (self.codebook_size - 1) * 2 - 1  # [B, h, w]
-        return nn.functional.interpolate(grey[:, None], scale_factor=4).expand(-1, 3, -1, -1)
+def prompt_batch(prompts: list[torch.Tensor], num_frames: list[int], kinds: list[str]) -> PromptBatch:
+    """Prompt stacks [n_i, 3, H, W] -> the `PromptBatch` PromptDataModule's loader gives (no ground truth)."""
+    items = [
+        {"prompt": p, "truth": None, "num_frames": f, "kind": k, "name": f"p{i}", "index": i}
+        for i, (p, f, k) in enumerate(zip(prompts, num_frames, kinds, strict=True))
+    ]
+    return collate_prompts(items)
 
 
 def test_predict_batch_groups_prompts_and_returns_candidates_and_images():
-    model, tokenizer = tiny_model(), FakeTokenizer(LAYOUT.codebook_size)
-    batch = {
-        "prompt": torch.rand(3, 2, 3, 8, 8) * 2 - 1,  # 8x8 pixels -> 2x2 = 4 tokens
-        "num_prompt": torch.tensor([2, 1, 2]),
-        "num_frames": torch.tensor([1, 2, 1]),
-        "index": torch.tensor([0, 1, 2]),
-        "kind": ["sequence", "category", "analogy"],
-    }
+    model, tokenizer = tiny_model(), GreyTokenizer(LAYOUT.codebook_size)
+    images = torch.rand(3, 2, 3, 8, 8) * 2 - 1  # 8x8 pixels -> 2x2 = 4 tokens
+    kinds = ["sequence", "category", "analogy"]
+    batch = prompt_batch([images[0], images[1, :1], images[2]], [1, 2, 1], kinds)
+    assert batch.num_prompt.tolist() == [2, 1, 2]
     settings = GenerationSettings(temperature=1.0, num_candidates=2)
     out = predict_batch(model, tokenizer, LAYOUT, batch, settings)
-    assert out["tokens"].shape == (3, 2, 2, 4) and out["generated"].shape == (3, 2, 2, 3, 8, 8)
-    assert out["num_tokens"] == 2 * (1 + 2 + 1) * 4 and out["seconds"] > 0
-    assert out["kind"] == batch["kind"]
-    assert LAYOUT.is_codebook(out["tokens"]).all()
+    assert isinstance(out, Generated) and out.prompts is batch
+    assert out.tokens.shape == (3, 2, 2, 4) and out.images.shape == (3, 2, 2, 3, 8, 8)
+    assert out.num_tokens == 2 * (1 + 2 + 1) * 4 and out.seconds > 0
+    assert out.prompts.kinds == kinds
+    assert LAYOUT.is_codebook(out.tokens).all()
     # row 1 (one prompt image, two frames) equals generating it alone under greedy decoding
     greedy = predict_batch(model, tokenizer, LAYOUT, batch, GenerationSettings(temperature=0))
-    alone = generate(model, tokenizer.encode(batch["prompt"][1, :1]).view(1, 1, 4), 2, LAYOUT, GenerationSettings(0))
-    assert torch.equal(greedy["tokens"][1, 0], alone[0])
-    torch.testing.assert_close(greedy["generated"][1, 0], tokenizer.decode(alone[0].view(2, 2, 2)))
+    alone = generate(model, tokenizer.encode(batch.prompt[1, :1]).view(1, 1, 4), 2, LAYOUT, GenerationSettings(0))
+    assert torch.equal(greedy.tokens[1, 0], alone[0])
+    torch.testing.assert_close(greedy.images[1, 0], tokenizer.decode(alone[0].view(2, 2, 2)))
     # same seed, same draws; two candidates of a sampled prompt differ
     again = predict_batch(model, tokenizer, LAYOUT, batch, settings)
-    assert torch.equal(out["tokens"], again["tokens"])
-    assert not torch.equal(out["tokens"][:, 0], out["tokens"][:, 1])
+    assert torch.equal(out.tokens, again.tokens)
+    assert not torch.equal(out.tokens[:, 0], out.tokens[:, 1])
 
 
 def test_predict_batch_names_the_image_size_when_the_layout_does_not_match():
-    batch = {"prompt": torch.zeros(1, 1, 3, 16, 16), "num_prompt": torch.tensor([1]), "num_frames": torch.tensor([1])}
+    batch = prompt_batch([torch.zeros(1, 3, 16, 16)], [1], ["sequence"])
     with pytest.raises(UserError, match="data.image_size"):
-        predict_batch(tiny_model(), FakeTokenizer(16), LAYOUT, batch, GenerationSettings())
+        predict_batch(tiny_model(), GreyTokenizer(16), LAYOUT, batch, GenerationSettings())
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
+from helpers import cpu_trainer, lvm_shape
 from lightning.pytorch.demos.boring_classes import BoringModel
 from PIL import Image
 
@@ -31,7 +31,7 @@ def _lvm_args(repo_root: Path, data: Path) -> list[str]:
         f"--data.init_args.train={data}",
         f"--data.init_args.val={data}",
         "--data.init_args.seq_len=8",
-        "--model.init_args.model_overrides={n_layer: 1, n_embd: 32, n_head: 2, intermediate_size: 64}",
+        lvm_shape(),
         "--trainer.max_steps=2",
         "--trainer.enable_progress_bar=false",
     ]
@@ -39,15 +39,17 @@ def _lvm_args(repo_root: Path, data: Path) -> list[str]:
 
 @pytest.fixture
 def inputs(tmp_path):
-    """Token shards, a checkpoint of another LightningModule, a truncated checkpoint, a YAML with a misspelt key."""
+    """Token shards, a checkpoint of another LightningModule, a truncated checkpoint, a YAML with a misspelt key and
+    one with an LVM key of before the settings were grouped."""
     rng = np.random.default_rng(0)
     shards.write_split(tmp_path / "data", "train", LAYOUT, [rng.integers(0, 32, size=(2, 4)) for _ in range(6)])
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = cpu_trainer(max_steps=1)
     trainer.fit(BoringModel())
     trainer.save_checkpoint(tmp_path / "other_stage.ckpt")
     blob = (tmp_path / "other_stage.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(blob[: len(blob) // 2])
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"trainer": {"max_stepz": 3}}))
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"lr": 0.1}}}))
     return tmp_path
 
 
@@ -67,10 +69,21 @@ CASES = [
         r"^error: ckpt_path=.*other_stage.ckpt: not an LVM checkpoint",
     ),
     (
-        "vocab_mismatch",
+        "layout_mismatch",
+        ["fit", "--model.init_args.layout={{codebook_size: 64, tokens_per_image: 4, num_special: 4}}"],  # str.format
+        r"^error: token layouts disagree: the LVM checkpoint has \{'codebook_size': 64, .*\}, the token shards"
+        r" \(.*data/manifest.json\) has \{'codebook_size': 32, .*\}$",
+    ),
+    (
+        "renamed_flag",
         ["fit", "--model.init_args.vocab_size=8292"],
-        r"^error: model.vocab_size=8292: token layout needs vocabulary 36 \(codebook 32 \+ 4 special ids\)"
-        r" but the model has 8292$",
+        r"^error: --model.init_args.vocab_size: model.init_args.vocab_size is no longer an LVM argument;"
+        r" use nothing: the vocabulary comes from the token layout$",
+    ),
+    (
+        "renamed_yaml_key",
+        ["fit", "-c", "{tmp}/old.yaml"],
+        r"^error: .*old.yaml: model.init_args.lr is no longer an LVM argument; use model.init_args.optim.lr$",
     ),
 ]
 
@@ -105,7 +118,7 @@ def _run_cases(inputs: Path, repo_root: Path, cases: list[tuple[str, list[str], 
         assert not list((inputs / name).rglob("*.ckpt")), f"{name}: a checkpoint was written"
 
 
-@pytest.mark.slow  # five `main.py` processes: ~110 s on 2 shared cores
+@pytest.mark.slow  # seven `main.py` processes: ~150 s on 2 shared cores
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(inputs, repo_root):
     _run_cases(inputs, repo_root, CASES)
 
@@ -126,6 +139,6 @@ def test_prompt_images_of_mixed_sizes_are_resized_to_the_data_size(tmp_path):
     dm = PromptDataModule(file=str(tmp_path / "p.yaml"), image_size=16, batch_size=2)
     dm.setup()
     batch = next(iter(dm.predict_dataloader()))
-    assert batch["prompt"].shape == (2, 3, 3, 16, 16) and batch["num_prompt"].tolist() == [2, 3]
+    assert batch.prompt.shape == (2, 3, 3, 16, 16) and batch.num_prompt.tolist() == [2, 3]
     # the content survives the resize: a flat image of value v stays v (in [-1, 1])
-    assert torch.allclose(batch["prompt"][1, 1], torch.full((3, 16, 16), 40 * 3 / 127.5 - 1))
+    assert torch.allclose(batch.prompt[1, 1], torch.full((3, 16, 16), 40 * 3 / 127.5 - 1))

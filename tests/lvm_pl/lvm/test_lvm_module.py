@@ -7,13 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_trainer, lvm_shape
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.tokens import collate_windows
 from lvm_pl import shards
+from lvm_pl.batches import SentenceBatch
 from lvm_pl.console import UserError
 from lvm_pl.lvm.model import RMSNorm
 from lvm_pl.lvm.module import LVM, warmup_cosine
+from lvm_pl.lvm.settings import OptimSettings
+from lvm_pl.stage_data import StageData
 from lvm_pl.tokens import TokenLayout
 
 LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
@@ -21,7 +26,7 @@ SMALL = dict(n_embd=32, n_layer=2, n_head=4, intermediate_size=64, block_size=64
 
 
 class RandomWindows(Dataset):
-    """Fixed random token windows in the TokenDataModule batch format (one document per window)."""
+    """Fixed random token windows as `PackedWindows` gives them (one document per window)."""
 
     def __init__(self, n: int, seq_len: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -32,29 +37,33 @@ class RandomWindows(Dataset):
 
     def __getitem__(self, i):
         w = self.windows[i]
-        return {"input_ids": w[:-1], "labels": w[1:], "doc_ids": torch.zeros(len(w) - 1, dtype=torch.long)}
+        doc_ids = torch.zeros(len(w) - 1, dtype=torch.long)
+        return {"input_ids": w[:-1], "labels": w[1:], "doc_ids": doc_ids, "position": i * len(w)}
 
 
-class RandomTokenData(LightningDataModule):
-    layout = LAYOUT
+class RandomTokenData(LightningDataModule, StageData):
+    """Token data declaring its layout (and, like TokenDataModule, a window length where `seq_len` is given)."""
 
-    def __init__(self, n: int = 4, seq_len: int = 16):
+    layout, image_size, predict_split = LAYOUT, None, None
+
+    def __init__(self, n: int = 4, seq_len: int = 16, declare_seq_len: bool = False):
         super().__init__()
         self.data = RandomWindows(n, seq_len)
+        self.seq_len = seq_len if declare_seq_len else None
 
     def train_dataloader(self):
-        return DataLoader(self.data, batch_size=4)
+        return DataLoader(self.data, batch_size=4, collate_fn=collate_windows)
 
 
-def small_lvm(**kwargs) -> LVM:
-    args = dict(model="tiny", model_overrides=SMALL, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
-    return LVM(**{**args, **kwargs})
+def small_lvm(optim: dict | None = None, **kwargs) -> LVM:
+    settings = OptimSettings(**{"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.0, **(optim or {})})
+    return LVM(**{"preset": "tiny", "overrides": SMALL, "optim": settings, **kwargs})
 
 
 def test_loss_falls_when_overfitting_a_tiny_batch(tmp_path):
     torch.manual_seed(0)
     lvm = small_lvm()
-    trainer = Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = cpu_trainer(max_steps=60)
     data = RandomTokenData()
     batch = next(iter(data.train_dataloader()))
     trainer.fit(lvm, data)
@@ -66,17 +75,20 @@ def test_loss_falls_when_overfitting_a_tiny_batch(tmp_path):
 
 
 def test_training_windows_shorter_than_the_context_are_warned_about():
-    data = RandomTokenData(seq_len=16)
-    data.seq_len = 16  # as TokenDataModule has it; the model's block_size is 64
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    data = RandomTokenData(seq_len=16, declare_seq_len=True)  # the model's block_size is 64
+    trainer = cpu_trainer(max_steps=1)
     with pytest.warns(UserWarning, match="data.seq_len=16 is shorter than the model's block_size=64"):
         trainer.fit(small_lvm(), data)
 
 
-def test_config_vocab_that_contradicts_the_layout_is_a_user_error():
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    with pytest.raises(UserError, match="vocab_size=8292.*needs vocabulary 36"):
-        trainer.fit(small_lvm(vocab_size=8292), RandomTokenData())
+def test_checkpoint_layout_that_contradicts_the_shards_is_a_user_error():
+    paper = TokenLayout(codebook_size=8192, tokens_per_image=256)
+    trainer = cpu_trainer(max_steps=1)
+    expected = (
+        r"token layouts disagree: the LVM checkpoint has \{'codebook_size': 8192.*the token shards \(RandomTokenData\)"
+    )
+    with pytest.raises(UserError, match=expected + r" has \{'codebook_size': 32"):
+        trainer.fit(small_lvm(layout=paper.to_dict()), RandomTokenData())
 
 
 def test_no_layout_anywhere_is_a_user_error():
@@ -86,7 +98,7 @@ def test_no_layout_anywhere_is_a_user_error():
 
 def test_checkpoint_rebuilds_without_data(tmp_path):
     lvm = small_lvm()
-    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = cpu_trainer(max_steps=2)
     trainer.fit(lvm, RandomTokenData())
     trainer.save_checkpoint(tmp_path / "lvm.ckpt")
     loaded = LVM.load_from_checkpoint(tmp_path / "lvm.ckpt")
@@ -98,7 +110,7 @@ def test_checkpoint_rebuilds_without_data(tmp_path):
 
 
 def test_decay_excludes_norms_and_embeddings():
-    lvm = small_lvm(layout=LAYOUT.to_dict(), weight_decay=0.1, decay_steps=10)
+    lvm = small_lvm(layout=LAYOUT.to_dict(), optim={"weight_decay": 0.1, "decay_steps": 10})
     lvm.configure_model()
     lvm.trainer = Trainer(logger=False)
     groups = lvm.configure_optimizers()["optimizer"].param_groups
@@ -106,7 +118,9 @@ def test_decay_excludes_norms_and_embeddings():
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert id(lvm.model.embed_tokens.weight) in plain and id(lvm.model.lm_head.weight) in decayed
     assert all(id(m.weight) in plain for m in lvm.model.modules() if isinstance(m, RMSNorm))
-    lvm = small_lvm(layout=LAYOUT.to_dict(), weight_decay=0.1, decay_steps=10, exclude_from_decay=False)
+    lvm = small_lvm(
+        layout=LAYOUT.to_dict(), optim={"weight_decay": 0.1, "decay_steps": 10, "exclude_from_decay": False}
+    )
     lvm.configure_model()
     lvm.trainer = Trainer(logger=False)
     assert len(lvm.configure_optimizers()["optimizer"].param_groups) == 1
@@ -134,19 +148,15 @@ class FakeTokenizer(torch.nn.Module):
         return x.repeat_interleave(2, -1).repeat_interleave(2, -2)[:, None].expand(-1, 3, -1, -1)
 
 
-class SentenceData(LightningDataModule):
-    image_size = 4
+class SentenceData(LightningDataModule, StageData):
+    """Sentence data declaring its image size, as VisualSentenceDataModule does."""
 
-    def _batches(self):
+    layout, image_size, seq_len, predict_split = None, 4, None, None
+
+    def _batches(self) -> list[SentenceBatch]:
         g = torch.Generator().manual_seed(0)
         images = torch.rand(4, 3, 3, 4, 4, generator=g) * 2 - 1
-        batch = {
-            "images": images,
-            "num_images": torch.tensor([3, 2, 3, 3]),
-            "kind": ["x"] * 4,
-            "index": torch.arange(4),
-        }
-        return [batch]
+        return [SentenceBatch(images, torch.tensor([3, 2, 3, 3]), torch.arange(4), ["x"] * 4)]
 
     def train_dataloader(self):
         return DataLoader(self._batches(), batch_size=None)  # already batched
@@ -161,7 +171,7 @@ def test_on_the_fly_sentences_through_a_frozen_tokenizer(tmp_path):
     lvm = small_lvm(tokenizer="fake.ckpt")
     object.__setattr__(lvm, "tokenizer", FakeTokenizer())  # what lvm_pl.vqgan.load_tokenizer would return
     logger = TensorBoardLogger(tmp_path, name="otf")
-    trainer = Trainer(max_steps=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = cpu_trainer(max_steps=2, logger=logger)
     trainer.fit(lvm, SentenceData())
     # the preview grid decodes through the tokenizer: 4 rows of 4x4 pixel frames, context | prediction | truth
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -173,9 +183,15 @@ def test_on_the_fly_sentences_through_a_frozen_tokenizer(tmp_path):
     assert lvm.layout == TokenLayout(codebook_size=32, tokens_per_image=4)
     assert lvm.config.vocab_size == 132
     batch = lvm.token_batch(SentenceData()._batches()[0])
-    assert batch["input_ids"].shape == (4, 13)  # [BOS] + 3 images x 4 codes + [EOS], minus the last
-    assert batch["input_ids"][:, 0].eq(32).all()
-    assert batch["labels"][1, 8].item() == 33 and (batch["labels"][1, 9:] == -100).all()  # 2-image sentence: EOS
+    assert batch.input_ids.shape == (4, 13)  # [BOS] + 3 images x 4 codes + [EOS], minus the last
+    assert batch.input_ids[:, 0].eq(32).all()
+    assert batch.labels[1, 8].item() == 33 and (batch.labels[1, 9:] == -100).all()  # 2-image sentence: EOS
+    assert [(s.row, s.start, s.num_images, s.kind, s.index) for s in batch.sentences] == [
+        (0, 0, 3, "x", 0),
+        (1, 0, 2, "x", 1),
+        (2, 0, 3, "x", 2),
+        (3, 0, 3, "x", 3),
+    ]
     assert not any(k.startswith("tokenizer") for k in lvm.state_dict())
 
 
@@ -202,7 +218,7 @@ def test_fit_tiny_config_on_token_shards_writes_scalars_and_images(tmp_path, rep
             f"--data.train={tmp_path / 'tokens/train'}",
             f"--data.val={tmp_path / 'tokens/val'}",
             "--data.seq_len=28",
-            "--model.model_overrides={n_layer: 2, n_embd: 32, n_head: 4, intermediate_size: 64}",
+            lvm_shape(n_layer=2, n_head=4),
             "--trainer.max_steps=6",
             "--trainer.val_check_interval=3",
             "--trainer.log_every_n_steps=1",
@@ -237,16 +253,17 @@ def test_compiled_blocks_keep_names_and_logits():
 def test_on_the_fly_sentence_longer_than_the_context_keeps_its_latest_whole_frames():
     # block_size 10 holds [BOS] + 2 images of 4 codes + [EOS] - 1 = 9 inputs, not 3 images (13)
     layout = TokenLayout(codebook_size=32, tokens_per_image=4).to_dict()
-    lvm = small_lvm(tokenizer="fake.ckpt", layout=layout, model_overrides={**SMALL, "block_size": 10})
+    lvm = small_lvm(tokenizer="fake.ckpt", layout=layout, overrides={**SMALL, "block_size": 10})
     object.__setattr__(lvm, "tokenizer", FakeTokenizer())
     lvm.configure_model()
     batch = SentenceData()._batches()[0]
     rows = lvm.token_batch(batch)
-    assert rows["input_ids"].shape == (4, 9)
-    codes = FakeTokenizer().encode(batch["images"][0, 1:]).flatten(1)  # images 1 and 2 of the 3-image sentence
-    assert rows["input_ids"][0].tolist() == [32, *codes.flatten().tolist()]
-    assert rows["labels"][0, -1].item() == 33  # EOS still closes it
-    lvm(rows["input_ids"])  # fits the context
+    assert rows.input_ids.shape == (4, 9)
+    codes = FakeTokenizer().encode(batch.images[0, 1:]).flatten(1)  # images 1 and 2 of the 3-image sentence
+    assert rows.input_ids[0].tolist() == [32, *codes.flatten().tolist()]
+    assert rows.labels[0, -1].item() == 33  # EOS still closes it
+    assert rows.sentences[0].num_images == 2  # the sentence as kept, so evaluation reads the frames it holds
+    lvm(rows.input_ids)  # fits the context
 
 
 def test_images_of_another_size_than_the_layout_are_a_user_error():
@@ -255,6 +272,6 @@ def test_images_of_another_size_than_the_layout_are_a_user_error():
     object.__setattr__(lvm, "tokenizer", FakeTokenizer())
     lvm.configure_model()
     batch = SentenceData()._batches()[0]
-    batch["images"] = torch.nn.functional.interpolate(batch["images"].flatten(0, 1), size=8).unflatten(0, (4, 3))
+    batch.images = torch.nn.functional.interpolate(batch.images.flatten(0, 1), size=8).unflatten(0, (4, 3))
     with pytest.raises(UserError, match="data.image_size=8: the tokenizer makes 16 tokens"):
         lvm.token_batch(batch)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_trainer
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.tokens import TokenDataModule
 from lvm_pl import shards
+from lvm_pl.batches import TokenBatch
 from lvm_pl.finite import NonFiniteLossError
 from lvm_pl.lvm.module import LVM
+from lvm_pl.lvm.settings import OptimSettings
 from lvm_pl.tokens import TokenLayout
 
 LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
@@ -23,7 +26,7 @@ BAD_STEP = 5
 class PoisonedLVM(LVM):
     """An LVM whose loss turns NaN at optimizer step BAD_STEP (stands in for a diverging run)."""
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         loss, logits = super()._loss(batch)
         return (loss * float("nan") if self.global_step == BAD_STEP else loss), logits
 
@@ -44,16 +47,10 @@ def _fit(tmp_path, policy: str, max_steps: int) -> tuple[Trainer, WeightLog]:
     shards.write_split(tmp_path / "data", "train", LAYOUT, images)
     log = WeightLog()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True)
-    trainer = Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[checkpoint, log],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+    trainer = cpu_trainer(
+        max_steps=max_steps, enable_checkpointing=True, callbacks=[checkpoint, log], limit_val_batches=0
     )
-    model = PoisonedLVM(model="tiny", model_overrides=SMALL, non_finite=policy, warmup_steps=0)
+    model = PoisonedLVM(preset="tiny", overrides=SMALL, non_finite=policy, optim=OptimSettings(warmup_steps=0))
     trainer.fit(model, TokenDataModule(train=str(tmp_path / "data"), seq_len=8, batch_size=2))
     return trainer, log
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import cpu_trainer
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from datamodules.sentences import collate_images
+from lvm_pl.batches import ImageBatch
 from lvm_pl.finite import NonFiniteLossError
 from lvm_pl.vqgan.autoencoder import Autoencoder
 from lvm_pl.vqgan.discriminators import PatchGAN
@@ -24,9 +27,9 @@ class PoisonedVQGAN(VQGAN):
     """A VQGAN whose input images turn NaN at optimizer step BAD_STEP (stands in for corrupt data or a diverging
     encoder): every loss term and the quantizer's latents are NaN then."""
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def training_step(self, batch: ImageBatch, batch_idx: int):
         if self.global_step == BAD_STEP:
-            batch = {**batch, "image": batch["image"] * float("nan")}
+            batch = ImageBatch(batch.images * float("nan"), batch.kinds)
         return super().training_step(batch, batch_idx)
 
 
@@ -42,7 +45,7 @@ class StateLog(Callback):
 
 def _fit(tmp_path, policy: str, max_steps: int) -> tuple[Trainer, StateLog]:
     torch.manual_seed(0)
-    images = [{"image": torch.rand(3, 8, 8) * 2 - 1} for _ in range(8)]
+    images = [{"image": torch.rand(3, 8, 8) * 2 - 1, "kind": "single"} for _ in range(8)]
     model = PoisonedVQGAN(
         autoencoder=Autoencoder([8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4),
         quantizer=VectorQuantizer(16, 4, init_from_data=True, dead_code_threshold=0.5),
@@ -51,16 +54,13 @@ def _fit(tmp_path, policy: str, max_steps: int) -> tuple[Trainer, StateLog]:
         non_finite=policy,
     )
     log = StateLog()
-    trainer = Trainer(
+    trainer = cpu_trainer(
         max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
+        enable_checkpointing=True,
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True), log],
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(model, DataLoader(images, batch_size=2))
+    trainer.fit(model, DataLoader(images, batch_size=2, collate_fn=collate_images))
     return trainer, log
 
 

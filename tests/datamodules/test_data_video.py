@@ -41,7 +41,7 @@ def test_windows_length_stride_and_frame_order(tmp_path):
         ("b.mp4", [0, 2, 4, 6]),
     ]
     batch = next(iter(dm.train_dataloader()))
-    assert batch["images"].shape == (2, 4, 3, 16, 16) and batch["kind"] == ["sequence", "sequence"]
+    assert batch.images.shape == (2, 4, 3, 16, 16) and batch.kinds == ["sequence", "sequence"]
 
 
 def test_short_video_fails_at_setup_naming_it(tmp_path):

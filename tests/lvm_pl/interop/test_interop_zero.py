@@ -15,13 +15,14 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from helpers import cpu_trainer
 
 from datamodules.tokens import TokenDataModule
 from lvm_pl import shards
 from lvm_pl.console import UserError
 from lvm_pl.interop.zero import convert_zero
 from lvm_pl.lvm.module import LVM
+from lvm_pl.lvm.settings import OptimSettings
 from lvm_pl.tokens import TokenLayout
 
 pytest.importorskip("deepspeed")
@@ -32,10 +33,6 @@ WORLD = 2
 TAG = "checkpoint"  # the tag Lightning's DeepSpeedStrategy saves under
 
 
-def _trainer(**kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
-
-
 @pytest.fixture
 def trained(tmp_path):
     """A tiny LVM trained 3 steps on shards in tmp_path/data: (its Lightning checkpoint dict, the file)."""
@@ -43,8 +40,8 @@ def trained(tmp_path):
     images = [rng.integers(0, LAYOUT.codebook_size, size=(2, LAYOUT.tokens_per_image)) for _ in range(8)]
     shards.write_split(tmp_path / "data", "train", LAYOUT, images)
     data = TokenDataModule(train=str(tmp_path / "data"), val=str(tmp_path / "data"), seq_len=8, batch_size=2)
-    trainer = _trainer(max_steps=3, enable_checkpointing=False, limit_val_batches=0)
-    trainer.fit(LVM(model="tiny", model_overrides=SMALL, warmup_steps=0), data)
+    trainer = cpu_trainer(max_steps=3, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(LVM(preset="tiny", overrides=SMALL, optim=OptimSettings(warmup_steps=0)), data)
     trainer.save_checkpoint(tmp_path / "reference.ckpt")
     return torch.load(tmp_path / "reference.ckpt", map_location="cpu", weights_only=False), tmp_path / "reference.ckpt"
 
@@ -117,10 +114,10 @@ def test_convert_gives_the_fp32_weights_and_a_checkpoint_lightning_accepts(tmp_p
     model = LVM.load_from_checkpoint(tmp_path / "out" / "lvm.ckpt")  # no data: the layout comes from the file
     assert model.layout == LAYOUT
     data = TokenDataModule(train=str(tmp_path / "data"), val=str(tmp_path / "data"), seq_len=8, batch_size=2)
-    (want,) = _trainer().validate(LVM.load_from_checkpoint(reference), data)
-    (got,) = _trainer().validate(model, data)
-    (via_ckpt_path,) = _trainer().validate(
-        LVM(model="tiny", model_overrides=SMALL), data, ckpt_path=str(tmp_path / "out" / "lvm.ckpt")
+    (want,) = cpu_trainer().validate(LVM.load_from_checkpoint(reference), data)
+    (got,) = cpu_trainer().validate(model, data)
+    (via_ckpt_path,) = cpu_trainer().validate(
+        LVM(preset="tiny", overrides=SMALL), data, ckpt_path=str(tmp_path / "out" / "lvm.ckpt")
     )
     assert got["val/loss"] == want["val/loss"] == via_ckpt_path["val/loss"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # bench/ is a folder of scripts, not an installed package
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import yaml
 from diffusers import VQModel
+from helpers import compose, config_files, usage
 
 from lvm_pl.vqgan.autoencoder import Autoencoder
 from lvm_pl.vqgan.quantizers import VectorQuantizer
@@ -52,8 +52,8 @@ def test_matches_diffusers_vqmodel(mid_attention, attention_levels):
         torch.testing.assert_close(ours.decode(out.quantized), img_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_muse_config_parameter_count(repo_root):
-    cfg = yaml.safe_load((repo_root / "configs/vqgan/muse_f16_8192.yaml").read_text())["model"]["init_args"]
+def test_muse_config_parameter_count():
+    cfg = compose(config_files(usage("configs/vqgan/muse_f16_8192.yaml")))["model"]["init_args"]
     ae, q = cfg["autoencoder"]["init_args"], cfg["quantizer"]["init_args"]
     ref = VQModel(
         block_out_channels=ae["block_out_channels"],

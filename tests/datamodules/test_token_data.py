@@ -1,24 +1,28 @@
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from helpers import TESTS, cpu_trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from datamodules.tokens import TokenDataModule, WindowSampler, sentence_windows, stream_windows
+from datamodules.order import OrderSampler
+from datamodules.tokens import TokenDataModule, sentence_windows, stream_windows
 from lvm_pl import shards
+from lvm_pl.batches import TokenBatch
 from lvm_pl.console import UserError
 from lvm_pl.tokens import TokenLayout
 
 LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
 
 
-def _write(path, counts, seed=0, shard_tokens=16):
+def _write(path, counts, seed=0, shard_tokens=16, kinds=None):
     """Shards of sentences with `counts` images each; returns the expected token stream."""
     rng = np.random.default_rng(seed)
     imgs = [rng.integers(0, LAYOUT.codebook_size, size=(n, LAYOUT.tokens_per_image)) for n in counts]
-    shards.write_split(path, "train", LAYOUT, imgs, shard_tokens=shard_tokens)
+    shards.write_split(path, "train", LAYOUT, imgs, kinds, shard_tokens=shard_tokens)
     return np.concatenate([LAYOUT.sentence(torch.as_tensor(i)).numpy() for i in imgs])
 
 
@@ -32,8 +36,11 @@ def test_stream_packing_wastes_no_token(tmp_path, tail):
     dm = TokenDataModule(train=str(tmp_path), seq_len=10, batch_size=3, shuffle=False, tail=tail)
     dm.setup("fit")
     batches = _batches(dm.train_dataloader())
-    ids = torch.cat([b["input_ids"] for b in batches])
-    labels = torch.cat([b["labels"] for b in batches])
+    assert all(isinstance(b, TokenBatch) for b in batches)
+    ids = torch.cat([b.input_ids for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    # each row's place in the stream: where evaluation looks its sentences up
+    assert torch.cat([b.positions for b in batches]).tolist() == [10 * w for w in range(len(ids))]
     assert ids.shape[1] == labels.shape[1] == 10
     got = labels[labels != -100].numpy()
     if tail == "pad":  # 63 labels: 6 full windows + one of 3 labels, padded
@@ -48,7 +55,8 @@ def test_stream_packing_wastes_no_token(tmp_path, tail):
 
 def test_doc_ids_number_sentences_inside_each_window(tmp_path):
     counts = [1, 3, 2, 1, 4, 2]
-    stream = _write(tmp_path, counts)
+    kinds = ["single", "sequence", "analogy", "single", "category", "sequence"]
+    stream = _write(tmp_path, counts, kinds=kinds)
     starts = np.cumsum([0] + [LAYOUT.sentence_length(n) for n in counts])[:-1]
     dm = TokenDataModule(train=str(tmp_path), seq_len=10, batch_size=1, shuffle=False)
     dm.setup("fit")
@@ -56,13 +64,16 @@ def test_doc_ids_number_sentences_inside_each_window(tmp_path):
         positions = np.arange(w * 10, w * 10 + 10)
         sentence_of = np.searchsorted(starts, positions, side="right") - 1
         expected = sentence_of - sentence_of[0]
-        n = int((batch["labels"][0] != -100).sum())
-        assert batch["doc_ids"][0, :n].tolist() == expected[:n].tolist()
-        assert (batch["doc_ids"][0, n:] == -1).all()
+        n = int((batch.labels[0] != -100).sum())
+        assert batch.doc_ids[0, :n].tolist() == expected[:n].tolist()
+        assert (batch.doc_ids[0, n:] == -1).all()
         # a new doc id starts exactly where a BOS sits in the input
-        bos = (batch["input_ids"][0, 1:n] == LAYOUT.bos_id).numpy()
-        assert np.array_equal(np.diff(batch["doc_ids"][0, :n].numpy()) == 1, bos)
+        bos = (batch.input_ids[0, 1:n] == LAYOUT.bos_id).numpy()
+        assert np.array_equal(np.diff(batch.doc_ids[0, :n].numpy()) == 1, bos)
     assert stream[0] == LAYOUT.bos_id
+    index = dm.sentence_index("train")  # the shard indexes, as evaluation reads them
+    assert index.starts.tolist() == starts.tolist() and index.num_tokens == len(stream)
+    assert index.kinds == kinds and dm.sentence_index("test") is None
 
 
 def test_sentence_windows_start_at_boundaries_and_cover_every_sentence(tmp_path):
@@ -81,7 +92,7 @@ def test_sentence_windows_start_at_boundaries_and_cover_every_sentence(tmp_path)
     dm = TokenDataModule(train=str(tmp_path), val=str(tmp_path), seq_len=13, batch_size=2)
     dm.setup("fit")
     val = _batches(dm.val_dataloader())
-    firsts = torch.cat([b["input_ids"][:, 0] for b in val])
+    firsts = torch.cat([b.input_ids[:, 0] for b in val])
     assert len(firsts) == len(w_starts)
     assert (firsts == torch.as_tensor(stream[w_starts])).all()
 
@@ -93,25 +104,31 @@ def test_stream_windows_edge_cases():
 
 
 def test_sampler_is_deterministic_and_splits_ranks():
-    a = list(WindowSampler(11, 1, 0, shuffle=True, seed=3))
-    assert a == list(WindowSampler(11, 1, 0, shuffle=True, seed=3))
-    s = WindowSampler(11, 1, 0, shuffle=True, seed=3)
+    a = list(OrderSampler(11, 1, 0, shuffle=True, seed=3))
+    assert a == list(OrderSampler(11, 1, 0, shuffle=True, seed=3))
+    s = OrderSampler(11, 1, 0, shuffle=True, seed=3)
     s.set_epoch(1)
     assert list(s) != a and sorted(s) == list(range(11))
-    ranks = [list(WindowSampler(11, 2, r, shuffle=True, seed=3)) for r in range(2)]
+    ranks = [list(OrderSampler(11, 2, r, shuffle=True, seed=3)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 6
     assert set(ranks[0]) | set(ranks[1]) == set(range(11))
     assert len(set(ranks[0]) & set(ranks[1])) == 1  # 11 windows on 2 ranks: one is repeated to even them out
-    evals = [list(WindowSampler(11, 2, r, shuffle=False, seed=3, even=False)) for r in range(2)]
+    evals = [list(OrderSampler(11, 2, r, shuffle=False, seed=3, even=False)) for r in range(2)]
     assert sorted(evals[0] + evals[1]) == list(range(11))  # evaluation sees each window exactly once
-    assert [len(WindowSampler(11, 2, r, shuffle=False, seed=3, even=False)) for r in range(2)] == [6, 5]
+    assert [len(OrderSampler(11, 2, r, shuffle=False, seed=3, even=False)) for r in range(2)] == [6, 5]
 
 
 def test_setup_errors_name_the_file(tmp_path):
     _write(tmp_path, [2, 2, 2])
     dm = TokenDataModule(train=str(tmp_path), seq_len=8)
-    with pytest.raises(UserError, match=r"vocabulary 36 .* the model has 8292"):
-        dm.check_vocab(8292)
+    from lvm_pl.lvm.module import LVM
+
+    paper = TokenLayout(codebook_size=8192, tokens_per_image=256)
+    manifest = re.escape(dm.describe())
+    assert dm.describe().startswith(str(tmp_path))
+    # the layout handshake names the shards' manifest when a model's layout contradicts it
+    with pytest.raises(UserError, match=rf"token layouts disagree: .* the token shards \({manifest}\) has "):
+        cpu_trainer(max_steps=1).fit(LVM(layout=paper.to_dict()), TokenDataModule(train=str(tmp_path), seq_len=8))
     m = shards.load_manifest(tmp_path)
     path = m.bin_path(m.shards[-1])
     path.write_bytes(path.read_bytes()[:-1])
@@ -142,7 +159,7 @@ def test_stream_pickles_without_token_data(tmp_path):
     ds[0]  # opens the memmaps
     blob = pickle.dumps(ds)
     assert len(blob) < ds.stream.num_tokens  # memmaps are reopened in workers, not copied
-    assert torch.equal(pickle.loads(blob)[3]["input_ids"], ds[3]["input_ids"])
+    assert torch.equal(pickle.loads(blob)[3]["input_ids"], ds[3]["input_ids"])  # dataset items stay dicts
 
 
 class _Recorder(LightningModule):
@@ -154,7 +171,7 @@ class _Recorder(LightningModule):
         self.seen = []
 
     def training_step(self, batch, batch_idx):
-        self.seen += batch["input_ids"].tolist()
+        self.seen += batch.input_ids.tolist()
         return (self.w**2).sum() + 1.0
 
     def configure_optimizers(self):
@@ -165,15 +182,11 @@ def _fit(data_dir, max_steps=-1, ckpt_dir=None, ckpt_path=None, every=None):
     model = _Recorder()
     dm = TokenDataModule(train=str(data_dir), seq_len=6, batch_size=2, seed=7)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1)] if ckpt_dir else []
-    trainer = Trainer(
+    trainer = cpu_trainer(
         max_epochs=2,
         max_steps=max_steps,
-        logger=False,
         enable_checkpointing=bool(ckpt_dir),
         callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
         num_sanity_val_steps=0,
     )
     trainer.fit(model, dm, ckpt_path=ckpt_path)
@@ -195,10 +208,23 @@ def test_resume_with_a_different_window_order_warns_and_restarts_the_epoch(tmp_p
     _write(tmp_path, [2] * 6)
     dm = TokenDataModule(train=str(tmp_path), seq_len=6, batch_size=2, seed=7)
     dm.setup("fit")
-    dm.load_state_dict({"epoch": 1, "consumed": 4, "num_windows": 10, "world_size": 4, "seed": 7})
-    with pytest.warns(UserWarning, match="epoch restarts from its first window"):
+    dm.load_state_dict({"epoch": 1, "consumed": 4, "num_items": 10, "world_size": 4, "seed": 7})
+    with pytest.warns(UserWarning, match="epoch restarts from its first item"):
         sampler = dm.train_dataloader().sampler
     assert sampler.epoch == 1 and len(list(sampler)) == 10
+
+
+@pytest.mark.parametrize("key", ["num_items", "num_windows"])  # checkpoints before the shared order: num_windows
+def test_resume_state_of_either_key_continues_mid_epoch(tmp_path, key, recwarn):
+    _write(tmp_path, [2] * 6)
+    dm = TokenDataModule(train=str(tmp_path), seq_len=6, batch_size=2, seed=7)
+    dm.setup("fit")
+    dm.load_state_dict({"epoch": 1, "consumed": 4, key: 10, "world_size": 1, "seed": 7})
+    sampler = dm.train_dataloader().sampler
+    epoch = OrderSampler(10, 1, 0, shuffle=True, seed=7)
+    epoch.set_epoch(1)
+    assert sampler.epoch == 1 and list(sampler) == list(epoch)[4:]
+    assert not [w for w in recwarn if "training order" in str(w.message)]
 
 
 def test_data_config_builds_the_module(tmp_path, repo_root):
@@ -233,22 +259,24 @@ def test_worker_processes_serve_the_same_batches(tmp_path):
         batches[workers] = _batches(dm.train_dataloader())
     assert len(batches[0]) == len(batches[1]) > 1
     for a, b in zip(batches[0], batches[1], strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert a.sentences is b.sentences is None  # token shards: evaluation finds sentences from the positions
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("input_ids", "labels", "doc_ids", "positions"))
 
 
 _DDP_FIT = """
 import json, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {helpers!r}]
 import test_token_data as t
 from lightning.pytorch import Trainer
-from datamodules.tokens import TokenDataModule, WindowSampler
+from datamodules.order import OrderSampler
+from datamodules.tokens import TokenDataModule
 
 model = t._Recorder()
 dm = TokenDataModule(train={data!r}, seq_len=6, batch_size=2, seed=7)
 trainer = Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(model, dm)
-assert type(trainer.train_dataloader.sampler) is WindowSampler, type(trainer.train_dataloader.sampler)
+assert type(trainer.train_dataloader.sampler) is OrderSampler, type(trainer.train_dataloader.sampler)
 with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
     json.dump(model.seen, f)
 """
@@ -264,7 +292,7 @@ def test_ddp_ranks_get_disjoint_windows(tmp_path):
     stream = _write(tmp_path / "data", [2] * 6)  # 10 windows: 5 per rank, 3 batches of 2 (the last one short)
     script = tmp_path / "ddp_fit.py"
     tests = os.path.dirname(__file__)
-    script.write_text(_DDP_FIT.format(tests=tests, data=str(tmp_path / "data"), out=str(tmp_path)))
+    script.write_text(_DDP_FIT.format(tests=tests, helpers=str(TESTS), data=str(tmp_path / "data"), out=str(tmp_path)))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -278,27 +306,19 @@ class _SeenWindows(Callback):
         self.seen = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen += batch["input_ids"].tolist()
+        self.seen += batch.input_ids.tolist()
 
 
 def _fit_lvm(data_dir, max_steps=-1, ckpt_dir=None, ckpt_path=None):
     from lvm_pl.lvm.module import LVM
 
-    model = LVM(model="tiny", model_overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64})
+    model = LVM(preset="tiny", overrides={"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64})
     seen = _SeenWindows()
     callbacks = [seen]
     if ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=max_steps, save_top_k=-1))
-    trainer = Trainer(
-        max_epochs=2,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=bool(ckpt_dir),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        limit_val_batches=0,
+    trainer = cpu_trainer(
+        max_epochs=2, max_steps=max_steps, enable_checkpointing=bool(ckpt_dir), callbacks=callbacks, limit_val_batches=0
     )
     trainer.fit(model, TokenDataModule(train=str(data_dir), seq_len=6, batch_size=2, seed=7), ckpt_path=ckpt_path)
     return seen.seen

@@ -10,12 +10,12 @@ def make_dm(skip: set[int], world_size: int = 1, rank: int = 0) -> VisualSentenc
         BuiltinSource(splits={"train": 9, "val": 2, "test": 2}), image_size=16, unit="sentence", batch_size=2
     )
     dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
-    dm.predict_skip = skip
+    dm.skip_predict(skip)  # what the TokenWriter does at setup of a resumed run
     return dm
 
 
 def indices(dm: VisualSentenceDataModule) -> list[int]:
-    return [i for batch in dm.predict_dataloader() for i in batch["index"].tolist()]
+    return [i for batch in dm.predict_dataloader() for i in batch.index.tolist()]
 
 
 def test_no_skip_keeps_every_sentence_in_order():

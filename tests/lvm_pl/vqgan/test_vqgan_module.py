@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lvm_pl.batches import ImageBatch, SentenceBatch, TokenizedSentences
 from lvm_pl.console import UserError
 from lvm_pl.vqgan import load_tokenizer
 from main import cli
@@ -83,13 +84,16 @@ def test_predict_step_encodes_real_images_only(fitted):
     _, ckpt = fitted
     tok = load_tokenizer(ckpt)
     images = torch.rand(2, 3, 3, 16, 16) * 2 - 1
-    batch = {"images": images, "num_images": torch.tensor([3, 1]), "kind": ["a", "b"], "index": torch.tensor([5, 9])}
+    batch = SentenceBatch(images, torch.tensor([3, 1]), torch.tensor([5, 9]), ["a", "b"])
     out = tok.predict_step(batch, 0)
-    assert out["tokens"].shape == (2, 3, 4, 4)
-    assert torch.equal(out["tokens"][0], tok.encode(images[0]))
-    assert torch.equal(out["tokens"][1, :1], tok.encode(images[1, :1]))
-    assert (out["tokens"][1, 1:] == 0).all()
-    assert out["kind"] == ["a", "b"] and out["index"].tolist() == [5, 9]
+    assert isinstance(out, TokenizedSentences)
+    assert out.tokens.shape == (2, 3, 4, 4)
+    assert torch.equal(out.tokens[0], tok.encode(images[0]))
+    assert torch.equal(out.tokens[1, :1], tok.encode(images[1, :1]))
+    assert (out.tokens[1, 1:] == 0).all()
+    assert out.kinds == ["a", "b"] and out.index.tolist() == [5, 9] and out.num_images.tolist() == [3, 1]
+    with pytest.raises(UserError, match="data.unit: tokenizing .* needs whole sentences"):
+        tok.predict_step(ImageBatch(images[:, 0], ["a", "b"]), 0)
 
 
 def test_test_stage_writes_json(fitted, repo_root):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO, TESTS
 from lightning.pytorch import Callback
 
 from lvm_pl import shards
@@ -45,8 +46,8 @@ STAGES = {
     "lvm": {
         "configs": ["configs/lvm/tiny.yaml", "configs/data/tokens.yaml"],
         "model": {
-            "model_overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64},
-            "warmup_steps": 2,
+            "overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64},
+            "optim": {"warmup_steps": 2},
         },
         "data": {"train": "{data}", "val": None, "seq_len": 8, "batch_size": 2, "num_workers": 0},
     },
@@ -100,8 +101,7 @@ def _override(repo_root: Path, stage: str, run_dir: Path, data: Path, pace: floa
 
 
 def _env() -> dict[str, str]:
-    root = Path(__file__).resolve().parents[1]
-    path = os.pathsep.join([str(root), str(Path(__file__).parent)])
+    path = os.pathsep.join([str(REPO), str(TESTS), str(Path(__file__).parent)])
     return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 

@@ -13,56 +13,16 @@ from __future__ import annotations
 
 import importlib
 import re
-import shlex
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import REPO as ROOT
+from helpers import compose, config_files, usage
 
 from main import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
-USAGE = re.compile(r"^#\s*(?:Usage:\s*)?(python main\.py .*)$")
-
-
-def usage(rel: str) -> list[str]:
-    """The documented command of a config, as argv after `python main.py`."""
-    lines = (ROOT / rel).read_text().splitlines()
-    for i, line in enumerate(lines):
-        found = USAGE.match(line)
-        if found:
-            text = found.group(1)
-            while text.endswith("\\"):
-                i += 1
-                text = text[:-1] + " " + lines[i].lstrip("#").strip()
-            return shlex.split(text)[2:]
-    raise AssertionError(f"{rel} has no usage line ('# Usage: python main.py ...')")
-
-
-def config_files(argv: list[str]) -> list[str]:
-    """The `-c` files of a command; `<data>.yaml` (any data config) stands for the built-in one."""
-    files = [argv[i + 1] for i, a in enumerate(argv) if a in ("-c", "--config")]
-    return [f.replace("<data>.yaml", "configs/data/builtin.yaml") for f in files]
-
-
-def merged(files: list[str]) -> dict:
-    """The YAMLs merged the way the CLI composes them (later files win, nested dicts merge)."""
-
-    def merge(a, b):
-        if (
-            isinstance(a, dict)
-            and isinstance(b, dict)
-            and a.get("class_path", b.get("class_path")) == b.get("class_path", a.get("class_path"))
-        ):  # a different class_path starts its init_args afresh, as jsonargparse does
-            return {**a, **{k: merge(a.get(k), v) for k, v in b.items()}}
-        return b
-
-    out: dict = {}
-    for f in files:
-        out = merge(out, yaml.safe_load((ROOT / f).read_text()) or {})
-    return out
 
 
 def is_subclass(path: str | None, base: str) -> bool:
@@ -85,7 +45,7 @@ def tiny(rel: str, assets: dict, gpu: bool = False) -> list[str]:
     argv = usage(rel)
     files = config_files(argv)
     assert rel in files, f"{rel}: its usage line does not use it"
-    cfg = merged(files)
+    cfg = compose(files)
     model_path = (cfg.get("model") or {}).get("class_path")
     is_lvm = is_subclass(model_path, "lvm_pl.lvm.module.LVM")
     args, i = [], 0
@@ -129,8 +89,8 @@ def tiny(rel: str, assets: dict, gpu: bool = False) -> list[str]:
             "--trainer.strategy=auto",
             "--trainer.precision=32-true",
         ]
-        if is_lvm:  # the tiny preset; the vocabulary comes from the fixture shards
-            args += ["--model.init_args.model=tiny", "--model.init_args.vocab_size=null"]
+        if is_lvm:  # the tiny preset; the vocabulary comes from the fixture shards' layout
+            args += ["--model.init_args.preset=tiny"]
     elif gpu:
         args += ["--trainer.devices=1"]
     return [*args, "--trainer.fast_dev_run=1"]
@@ -184,7 +144,7 @@ def test_config_runs_its_usage_tiny(rel, tiny_assets, workdir):
 
 def _gpu_only(rel: str) -> bool:
     try:
-        return needs_gpu(merged(config_files(usage(rel))).get("trainer") or {})
+        return needs_gpu(compose(config_files(usage(rel))).get("trainer") or {})
     except AssertionError:  # no usage line: the CPU tests above report it
         return False
 

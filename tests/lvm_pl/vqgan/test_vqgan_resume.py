@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+from helpers import cpu_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -41,14 +42,10 @@ def _trainer(tmp_path, max_steps: int, stop: int | None = None) -> Trainer:
     callbacks = []
     if stop:
         callbacks = [StopAfter(stop), ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop)]
-    return Trainer(
+    return cpu_trainer(
         max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
         enable_checkpointing=bool(stop),
         callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         deterministic=True,
     )
@@ -63,8 +60,8 @@ class ImageRecorder(LightningModule):
         self.seen: list[str] = []
 
     def training_step(self, batch, batch_idx):
-        self.seen += [hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in batch["image"]]
-        return self.w**2 + batch["image"].mean()
+        self.seen += [hashlib.sha1(x.numpy().tobytes()).hexdigest() for x in batch.images]
+        return self.w**2 + batch.images.mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -6,9 +6,11 @@ import hashlib
 import json
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from helpers import cpu_trainer
+from lightning.pytorch import LightningModule
 
 from datamodules import BuiltinSource, VisualSentenceDataModule
+from lvm_pl.batches import SentenceBatch
 from lvm_pl.images import to_tensor
 
 
@@ -25,13 +27,13 @@ class Recorder(LightningModule):
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.seen: dict[str, dict[int, str]] = {"train": {}, "val": {}}
 
-    def _record(self, split: str, batch: dict) -> None:
-        for b, i in enumerate(batch["index"].tolist()):
-            self.seen[split][i] = fingerprint(batch["images"][b, : batch["num_images"][b]])
+    def _record(self, split: str, batch: SentenceBatch) -> None:
+        for b, i in enumerate(batch.index.tolist()):
+            self.seen[split][i] = fingerprint(batch.images[b, : batch.num_images[b]])
 
     def training_step(self, batch, batch_idx):
         self._record("train", batch)
-        return self.weight * batch["images"].mean()
+        return self.weight * batch.images.mean()
 
     def validation_step(self, batch, batch_idx):
         self._record("val", batch)
@@ -47,17 +49,7 @@ class Recorder(LightningModule):
 def test_two_ranks_get_disjoint_sentences(tmp_path):
     source = BuiltinSource(splits={"train": 12, "val": 8, "test": 0}, sequence_length=(2, 4))
     dm = VisualSentenceDataModule(source, image_size=16, unit="sentence", batch_size=2, seed=5)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = cpu_trainer(devices=2, strategy="ddp_spawn", max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(Recorder(str(tmp_path)), datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for split, size in (("train", 12), ("val", 8)):

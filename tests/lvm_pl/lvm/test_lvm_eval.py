@@ -11,10 +11,15 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lvm_pl import metrics as image_metrics
+from lvm_pl.batches import Sentence, SentenceBatch, TokenBatch
 from lvm_pl.lvm import evaluation as ev
 from lvm_pl.lvm.config import LVMConfig
+from lvm_pl.lvm.evaluation import metrics as em
+from lvm_pl.lvm.evaluation import report
 from lvm_pl.lvm.model import LLaMA
 from lvm_pl.lvm.module import LVM
+from lvm_pl.lvm.settings import EvalSettings
 from lvm_pl.tokens import TokenLayout
 
 LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
@@ -27,14 +32,21 @@ def tiny_llama(seed: int = 0) -> LLaMA:
     return model
 
 
-def rows_of(sentences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """[BOS] img.. [EOS] sentences -> right-padded rows as `LVM.token_batch` builds them."""
+def rows_of(sentences: list[torch.Tensor], kinds: list[str] | None = None) -> TokenBatch:
+    """[BOS] img.. [EOS] sentences -> right-padded rows as `LVM.token_batch` builds them (its sentences listed when
+    `kinds` are given, as the maker of a token batch from a sentence batch lists them)."""
     length = max(len(s) for s in sentences) - 1
     input_ids = torch.full((len(sentences), length), LAYOUT.eos_id)
     labels = torch.full_like(input_ids, -100)
     for b, s in enumerate(sentences):
         input_ids[b, : len(s) - 1], labels[b, : len(s) - 1] = s[:-1], s[1:]
-    return {"input_ids": input_ids, "labels": labels}
+    listed = None
+    if kinds is not None:
+        listed = [
+            Sentence(b, 0, LAYOUT.num_images(len(s)), k, b)
+            for b, (s, k) in enumerate(zip(sentences, kinds, strict=True))
+        ]
+    return TokenBatch(input_ids, labels, torch.zeros_like(input_ids), sentences=listed)
 
 
 class Uniform(torch.nn.Module):
@@ -50,12 +62,12 @@ def test_target_perplexity_is_the_mean_over_examples_of_exp_mean_nll():
     batch = rows_of([LAYOUT.sentence(x) for x in images])
     model = tiny_llama()
     with torch.no_grad():
-        logits = model(batch["input_ids"])
-    spans = ev.find_sentences(batch, LAYOUT)
-    assert spans == [ev.Span(0, 0, 3), ev.Span(1, 0, 1), ev.Span(2, 0, 2)]
-    nll = ev.target_nll(logits, batch["labels"], spans, LAYOUT)
+        logits = model(batch.input_ids)
+    spans = em.batch_sentences(batch, LAYOUT)
+    assert spans == [Sentence(0, 0, 3), Sentence(1, 0, 1), Sentence(2, 0, 2)]
+    nll = em.target_nll(logits, batch.labels, spans, LAYOUT)
     records = [{"kind": "x", "index": i, "nll": a, "nll_plain": b} for i, (a, b) in enumerate(nll.tolist())]
-    summary = ev.summarize_targets(records)["all"]
+    summary = em.summarize_targets(records)["all"]
 
     by_hand, by_hand_plain = [], []
     for b, x in enumerate(images):
@@ -75,27 +87,31 @@ def test_target_perplexity_is_the_mean_over_examples_of_exp_mean_nll():
 
 def test_uniform_logits_give_codebook_size_and_vocabulary_size():
     images = [torch.randint(0, 32, (n, 4)) for n in (2, 4)]
-    batch = rows_of([LAYOUT.sentence(x) for x in images])
+    batch = rows_of([LAYOUT.sentence(x) for x in images], kinds=["analogy", "sequence"])
     evaluation = ev.TestEvaluation(LAYOUT, max_context=0, next_frame_examples=0)
-    sentences = {"images": torch.zeros(2, 4, 3, 4, 4), "kind": ["analogy", "sequence"], "index": torch.arange(2)}
-    evaluation.update(Uniform(), sentences, batch, Uniform()(batch["input_ids"]), 0)
-    summary = ev.summarize_targets(evaluation.targets)
+    sentences = SentenceBatch(
+        torch.zeros(2, 4, 3, 4, 4), torch.tensor([2, 4]), torch.arange(2), ["analogy", "sequence"]
+    )
+    evaluation.update(Uniform(), sentences, batch, Uniform()(batch.input_ids))
+    summary = em.summarize_targets(evaluation.targets)
     assert list(summary) == ["sequence", "analogy", "all"]
     for group in summary.values():
         assert group["perplexity"] == pytest.approx(LAYOUT.codebook_size)
         assert group["perplexity_plain"] == pytest.approx(LAYOUT.vocab_size)
-    study = ev.context_length_nll(Uniform(), images[1], 3, LAYOUT)
+    study = em.context_length_nll(Uniform(), images[1], 3, LAYOUT)
     torch.testing.assert_close(study.exp(), torch.tensor([[32.0, 36.0]] * 3))
 
 
 def test_sentences_cut_by_the_window_end_are_left_out_and_packed_ones_found():
     a, b = LAYOUT.sentence(torch.randint(0, 32, (2, 4))), LAYOUT.sentence(torch.randint(0, 32, (3, 4)))
     stream = torch.cat([a, b])  # 10 + 14 tokens; a window of 17 holds a and the start of b
-    window = {"input_ids": stream[None, :17], "labels": stream[None, 1:18]}
-    assert ev.find_sentences(window, LAYOUT) == [ev.Span(0, 0, 2)]
-    whole = {"input_ids": stream[None, :-1], "labels": stream[None, 1:]}
-    assert ev.find_sentences(whole, LAYOUT) == [ev.Span(0, 0, 2), ev.Span(0, 10, 3)]
-    torch.testing.assert_close(ev.sentence_images(whole["labels"], ev.Span(0, 10, 3), LAYOUT), LAYOUT.images(b))
+    window = TokenBatch(stream[None, :17], stream[None, 1:18], torch.zeros(1, 17, dtype=torch.long))
+    assert LAYOUT.find_sentences(window.row_tokens(0)) == [(0, 2)]
+    assert em.batch_sentences(window, LAYOUT) == [Sentence(0, 0, 2)]
+    whole = TokenBatch(stream[None, :-1], stream[None, 1:], torch.zeros(1, 23, dtype=torch.long))
+    assert LAYOUT.find_sentences(whole.row_tokens(0)) == [(0, 2), (10, 3)]
+    assert em.batch_sentences(whole, LAYOUT) == [Sentence(0, 0, 2), Sentence(0, 10, 3)]
+    torch.testing.assert_close(em.sentence_frames(whole, Sentence(0, 10, 3), LAYOUT), LAYOUT.images(b))
 
 
 class Recorder(torch.nn.Module):
@@ -111,11 +127,11 @@ class Recorder(torch.nn.Module):
 
 
 def test_context_study_evaluates_exactly_the_frames_asked():
-    assert ev.context_frames(5, 4) == [([3], 4), ([2, 3], 4), ([1, 2, 3], 4), ([0, 1, 2, 3], 4)]
-    assert ev.context_frames(4, 4) == []  # needs K + 1 frames
+    assert em.context_frames(5, 4) == [([3], 4), ([2, 3], 4), ([1, 2, 3], 4), ([0, 1, 2, 3], 4)]
+    assert em.context_frames(4, 4) == []  # needs K + 1 frames
     frames = torch.arange(7)[:, None].expand(7, 4) + 10  # frame f is four copies of id 10 + f
     model = Recorder()
-    study = ev.context_length_nll(model, frames, 4, LAYOUT)
+    study = em.context_length_nll(model, frames, 4, LAYOUT)
     assert len(model.rows) == 4
     for k, row in enumerate(model.rows, start=1):
         # [BOS], frames 4-k .. 3, then frame 4 without its last token (nothing is predicted from it)
@@ -135,19 +151,20 @@ def test_next_frame_prediction_is_the_greedy_generation_decoded():
     model = LLaMA(LVMConfig.from_name("tiny", **SMALL, vocab_size=layout.vocab_size, init_std=0.5)).eval()
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     tokenizer = FakeTokenizer()
-    quality = ev.next_frame_quality(model, tokenizer, images, layout)
+    quality = em.next_frame_quality(model, tokenizer, images, layout)
     codes = tokenizer.encode(images).flatten(1)  # [3, 4]
     greedy = generate_no_cache(model, codes[None, :2], 1, layout, GenerationSettings(temperature=0.0))
-    psnr, ssim = ev.image_quality(tokenizer.decode(greedy.view(1, 2, 2)), images[-1:])
+    predicted = tokenizer.decode(greedy.view(1, 2, 2))
+    psnr, ssim = image_metrics.psnr(predicted, images[-1:]), image_metrics.ssim(predicted, images[-1:])
     assert quality["predicted_psnr"] == pytest.approx(float(psnr[0])) and quality["predicted_ssim"] == pytest.approx(
         float(ssim[0])
     )
-    psnr, _ = ev.image_quality(images[1:2], images[2:])
+    psnr = image_metrics.psnr(images[1:2], images[2:])
     assert quality["copy_last_psnr"] == pytest.approx(float(psnr[0]))
 
 
 def test_context_table_files(tmp_path):
-    rows = ev.summarize_context(
+    rows = em.summarize_context(
         [
             {"index": 0, "nll": [3.0, 2.0], "nll_plain": [3.5, 2.5]},
             {"index": 1, "nll": [1.0, 0.0], "nll_plain": [1, 0]},
@@ -155,7 +172,7 @@ def test_context_table_files(tmp_path):
         2,
     )
     assert rows[1]["perplexity"] == pytest.approx((math.exp(2) + 1) / 2)
-    paths = ev.write_context_table(tmp_path, rows, "frames described")
+    paths = report.write_context_table(tmp_path, rows, "frames described")
     assert [p.name for p in paths] == ["context_length.csv", "context_length.json", "context_length.png"]
     lines = paths[0].read_text().splitlines()
     assert lines[0] == "context_frames,examples,perplexity,perplexity_plain,nll,nll_plain"
@@ -193,13 +210,18 @@ def builtin_sentences(test: int):
 
 def test_on_the_fly_test_run_with_next_frame_quality(tmp_path):
     layout = TokenLayout(codebook_size=32, tokens_per_image=4)
-    lvm = LVM(model="tiny", model_overrides=SMALL, tokenizer="fake.ckpt", context_frames=3, next_frame_examples=3)
+    lvm = LVM(
+        preset="tiny",
+        overrides=SMALL,
+        tokenizer="fake.ckpt",
+        evaluation=EvalSettings(context_frames=3, next_frame_examples=3),
+    )
     object.__setattr__(lvm, "tokenizer", FakeTokenizer())  # what lvm_pl.vqgan.load_tokenizer would return
     data = builtin_sentences(test=10)
     logger = TensorBoardLogger(tmp_path, name="eval")
     trainer = Trainer(logger=logger, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.test(lvm, data)
-    results = json.loads((tmp_path / "eval/version_0" / ev.RESULTS_FILE).read_text())
+    results = json.loads((tmp_path / "eval/version_0" / report.RESULTS_FILE).read_text())
 
     kinds = [s.kind for s in data.sentences("test")]
     targets = results["target_perplexity"]
@@ -233,6 +255,8 @@ def test_negative_settings_are_user_errors():
 
     with pytest.raises(UserError, match="context_frames=-1"):
         ev.TestEvaluation(LAYOUT, max_context=-1, next_frame_examples=0)
+    with pytest.raises(UserError, match="model.evaluation: every setting must be >= 0"):
+        EvalSettings(context_frames=-1)
 
 
 def test_cli_test_on_token_shards_after_a_short_fit(tmp_path, repo_root):
@@ -253,7 +277,7 @@ def test_cli_test_on_token_shards_after_a_short_fit(tmp_path, repo_root):
         for k, n in zip(test_kinds, test_sizes, strict=True)
     ]
     shards.write_split(tmp_path / "tokens/test", "test", layout, test, test_kinds, shard_tokens=40)  # 3 shards
-    small = "--model.model_overrides={n_layer: 2, n_embd: 32, n_head: 4, intermediate_size: 64}"
+    small = "--model.overrides={n_layer: 2, n_embd: 32, n_head: 4, intermediate_size: 64}"
     lvm_config = str(repo_root / "configs/lvm/tiny.yaml")
     cli(
         ["fit", "-c", lvm_config, f"--data.train={tmp_path / 'tokens/train'}", "--data.val=null", small]
@@ -263,11 +287,17 @@ def test_cli_test_on_token_shards_after_a_short_fit(tmp_path, repo_root):
     cli(
         ["test", "-c", lvm_config, "-c", str(repo_root / "configs/evaluate.yaml")]
         + ["-c", str(repo_root / "configs/data/tokens_eval.yaml"), f"--data.test={tmp_path / 'tokens/test'}"]
-        + ["--data.seq_len=32", "--data.batch_size=2", small, "--model.context_frames=3", f"--ckpt_path={ckpt}"]
+        + [
+            "--data.seq_len=32",
+            "--data.batch_size=2",
+            small,
+            "--model.evaluation.context_frames=3",
+            f"--ckpt_path={ckpt}",
+        ]
         + ["--trainer.enable_progress_bar=false"]
     )
     (run,) = (tmp_path / "runs/lvm_eval").iterdir()
-    results = json.loads((run / ev.RESULTS_FILE).read_text())
+    results = json.loads((run / report.RESULTS_FILE).read_text())
     counts = {k: v["examples"] for k, v in results["target_perplexity"].items()}
     assert counts == {"sequence": 3, "analogy": 1, "category": 1, "single": 1, "all": 6}
     # trained on sliding bars: their next frame is far more certain than random images
