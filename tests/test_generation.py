@@ -103,7 +103,7 @@ class PrefillSpy:
 
 @pytest.mark.filterwarnings("ignore:.*keeps its last")
 @pytest.mark.parametrize(
-    "block_size,max_context_frames,window,prefills", [(21, None, 4, 3), (64, 2, 2, 4), (64, 15, 14, 1)]
+    "block_size,max_context_frames,window,prefills", [(21, None, 4, 3), (64, 2, 2, 4), (64, 15, 15, 1), (63, None, 14, 1)]
 )
 def test_sliding_window_keeps_the_most_recent_whole_frames(block_size, max_context_frames, window, prefills):
     model = tiny_model(block_size=block_size)
@@ -131,8 +131,9 @@ def test_sliding_window_keeps_the_most_recent_whole_frames(block_size, max_conte
 
 
 def test_window_frames_rejects_a_context_that_cannot_hold_two_images():
-    with pytest.raises(UserError, match="block_size=8"):
-        window_frames(LAYOUT, 8)
+    assert window_frames(LAYOUT, 8) == 1  # BOS + 4 prompt tokens + 3 fed generated tokens = 8
+    with pytest.raises(UserError, match="block_size=7"):
+        window_frames(LAYOUT, 7)
 
 
 def test_a_batch_row_generates_as_it_does_alone():

@@ -210,7 +210,7 @@ class LVM(LightningModule):
         kept = [min(int(counts[b]), fit) for b in range(B)]
         rows = [self._layout.sentence(codes[b, int(counts[b]) - kept[b] : int(counts[b])]) for b in range(B)]
         length = max(len(r) for r in rows) - 1
-        input_ids = torch.full((B, length), self._layout.eos_id, dtype=torch.long, device=images.device)
+        input_ids = torch.full((B, length), self._layout.pad_id, dtype=torch.long, device=images.device)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for b, r in enumerate(rows):
             input_ids[b, : len(r) - 1], labels[b, : len(r) - 1] = r[:-1], r[1:]
