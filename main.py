@@ -26,6 +26,9 @@ COMMANDS: dict[str, str] = {
     "preview-data": "datamodules.preview:preview_data",
     "export-hf": "lvm_pl.interop.hf_llama:export_hf",
     "import-hf": "lvm_pl.interop.hf_llama:import_hf",
+    "import-vqgan": "lvm_pl.interop.vqgan_import:import_vqgan",
+    "export-diffusers": "lvm_pl.interop.diffusers_vq:export_diffusers",
+    "prompt": "lvm_pl.prompting:prompt",
     "convert-zero": "lvm_pl.interop.zero:convert_zero",
     "demo": "lvm_pl.demo:demo",
 }

@@ -1,4 +1,4 @@
-"""The VQGAN tokenizer stage: images [-1, 1] <-> token grids."""
+"""The VQGAN tokenizer stage: images [-1, 1] <-> token grids (each tokenizer maps them to its own pixel range)."""
 
 from __future__ import annotations
 
