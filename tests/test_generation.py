@@ -103,7 +103,8 @@ class PrefillSpy:
 
 @pytest.mark.filterwarnings("ignore:.*keeps its last")
 @pytest.mark.parametrize(
-    "block_size,max_context_frames,window,prefills", [(21, None, 4, 3), (64, 2, 2, 4), (64, 15, 15, 1), (63, None, 14, 1)]
+    "block_size,max_context_frames,window,prefills",
+    [(21, None, 4, 3), (64, 2, 2, 4), (64, 15, 15, 1), (63, None, 14, 1)],
 )
 def test_sliding_window_keeps_the_most_recent_whole_frames(block_size, max_context_frames, window, prefills):
     model = tiny_model(block_size=block_size)

@@ -55,9 +55,7 @@ def _layout_of(cfg: dict[str, Any], where: str) -> str:
         return "open-muse"
     if name == "VQModel" or (name is None and "block_out_channels" in cfg and "num_vq_embeddings" in cfg):
         return "diffusers"
-    raise UserError(
-        f"{where}: _class_name={name!r}: neither an open-muse VQGANModel nor a diffusers VQModel config"
-    )
+    raise UserError(f"{where}: _class_name={name!r}: neither an open-muse VQGANModel nor a diffusers VQModel config")
 
 
 def _diffusers_weights(path: Path) -> dict[str, torch.Tensor]:
