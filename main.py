@@ -2,11 +2,13 @@
 
 python main.py fit -c configs/vqgan/tiny.yaml -c configs/data/builtin.yaml
 python main.py export-hf --help
+python main.py prompt --lvm LVM.ckpt --tokenizer VQGAN.ckpt --images a.png b.png c.png --out out/
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import pickle
 import sys
 from collections.abc import Callable
@@ -32,6 +34,9 @@ COMMANDS: dict[str, str] = {
     "convert-zero": "lvm_pl.interop.zero:convert_zero",
     "demo": "lvm_pl.demo:demo",
 }
+
+# Options that take several values the shell way (`--images a.png b.png`): jsonargparse wants one JSON list
+LIST_OPTIONS: dict[str, tuple[str, ...]] = {"prompt": ("--images",)}
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -128,6 +133,22 @@ def resolve_command(name: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
+def gather_lists(command: str, args: list[str]) -> list[str]:
+    """`--opt a b c` -> `--opt ["a", "b", "c"]` for the command's LIST_OPTIONS (values run to the next `--` flag)."""
+    out, i = [], 0
+    while i < len(args):
+        out.append(args[i])
+        if args[i] in LIST_OPTIONS.get(command, ()):
+            j = i + 1
+            while j < len(args) and not args[j].startswith("--"):
+                j += 1
+            out.append(json.dumps(args[i + 1 : j]))
+            i = j
+        else:
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python main.py` and the `lvm` console script."""
     args = sys.argv[1:] if argv is None else argv
@@ -135,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         if args and args[0] in COMMANDS:
             from jsonargparse import auto_cli
 
-            auto_cli(resolve_command(args[0]), args=args[1:], as_positional=False)
+            auto_cli(resolve_command(args[0]), args=gather_lists(args[0], args[1:]), as_positional=False)
         else:
             cli(argv)  # None: LightningCLI reads sys.argv itself
     except (UserError, NonFiniteLossError) as err:

@@ -1,0 +1,152 @@
+"""The released LVM end to end, as the README's "Use the released LVM" says: `import-vqgan` (open-muse and diffusers
+layouts), `import-hf` (sharded bf16 safetensors and `.bin`), then `prompt`, as subprocesses; the generated ids must
+equal a reference computed with the original code paths (open-muse encode of [0, 1] pixels -> ids without BOS ->
+transformers' greedy `generate` with the specials suppressed -> open-muse decode), the PNGs within 1/255."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from released_lvm import (
+    CODES,
+    TOKENS_PER_IMAGE,
+    llama,
+    muse_model,
+    save_llama_bin,
+    save_llama_safetensors,
+    save_muse,
+    to_vqmodel,
+)
+
+BLOCK = 4 * TOKENS_PER_IMAGE  # 3 prompt frames + the generated one (its last token never fed)
+NUM_FRAMES = 2
+
+
+def run(repo_root, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "main.py", *args], cwd=repo_root, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The released files (tokenizer both ways, LLaMA both ways), prompt images, and the reference output."""
+    root = tmp_path_factory.mktemp("released")
+    muse = muse_model()
+    save_muse(muse, root / "muse")
+    to_vqmodel(muse).to(torch.float16).save_pretrained(root / "amused")  # fp16 safetensors, as amused ships
+    lm = llama(BLOCK)
+    save_llama_safetensors(lm, root / "hf_safetensors")
+    save_llama_bin(lm, root / "hf_bin")
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(4)]
+    paths = []
+    for i, p in enumerate(pixels):
+        paths.append(str(root / f"frame{i}.png"))
+        Image.fromarray(p).save(paths[-1])
+    # the reference, as the official demo runs it: 4 frames, a context of 3 (the oldest dropped)
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
+        ids = muse.get_code(x)  # [4, 16]
+        assert ids.unique().numel() > 8  # many codes: a mix-up of names or ranges would change them
+        from transformers import LlamaForCausalLM
+
+        ref = LlamaForCausalLM.from_pretrained(root / "hf_safetensors", dtype=torch.float32).eval()
+        context, frames = ids[-3:].reshape(1, -1), []
+        for _ in range(NUM_FRAMES):
+            out = ref.generate(
+                context,
+                attention_mask=torch.ones_like(context),
+                max_new_tokens=TOKENS_PER_IMAGE,
+                do_sample=False,
+                suppress_tokens=list(range(CODES, ref.config.vocab_size)),
+                pad_token_id=CODES,
+            )
+            frames.append(out[0, -TOKENS_PER_IMAGE:])
+            context = out[:, -3 * TOKENS_PER_IMAGE :]
+        generated = torch.stack(frames)  # [F, 16]
+        decoded = (muse.decode_code(generated).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return {"root": root, "images": paths, "tokens": generated.tolist(), "decoded": decoded}
+
+
+def test_import_hf_reads_both_release_forms_alike(released, repo_root):
+    root = released["root"]
+    for form in ("safetensors", "bin"):
+        done = run(
+            repo_root, "import-hf", "--hf_dir", str(root / f"hf_{form}"), "--out", str(root / f"lvm_{form}.ckpt"),
+            "--codebook_size", str(CODES), "--tokens_per_image", str(TOKENS_PER_IMAGE),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "BOS no" in done.stderr
+    a, b = (torch.load(root / f"lvm_{f}.ckpt", weights_only=True) for f in ("safetensors", "bin"))
+    assert a["hyper_parameters"]["layout"] == b["hyper_parameters"]["layout"]
+    layout = a["hyper_parameters"]["layout"]
+    assert (layout["add_bos"], layout["add_eos"], layout["vocab_size"], layout["codebook_size"]) == (
+        False, False, CODES + 100, CODES,
+    )  # fmt: skip
+    assert a["hyper_parameters"]["model_overrides"]["rope_base"] == 10000.0  # no rope_theta: LLaMA's default
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        assert v.dtype == torch.bfloat16, k  # the checkpoint's dtype is kept
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+@pytest.mark.parametrize("tokenizer", ["muse", "amused"])
+def test_prompt_matches_the_reference(released, repo_root, tokenizer):
+    root = released["root"]
+    if not (root / "lvm_bin.ckpt").exists():
+        done = run(
+            repo_root, "import-hf", "--hf_dir", str(root / "hf_bin"), "--out", str(root / "lvm_bin.ckpt"),
+            "--codebook_size", str(CODES), "--tokens_per_image", str(TOKENS_PER_IMAGE),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    done = run(repo_root, "import-vqgan", "--source_dir", str(root / tokenizer), "--out", str(root / f"{tokenizer}.ckpt"))
+    assert done.returncode == 0, done.stderr
+    assert "pixels in [0.0, 1.0]" in done.stderr
+    out = root / f"out_{tokenizer}"
+    done = run(
+        repo_root, "prompt", "--lvm", str(root / "lvm_bin.ckpt"), "--tokenizer", str(root / f"{tokenizer}.ckpt"),
+        "--images", *released["images"], "--out", str(out), "--num_frames", str(NUM_FRAMES),
+        "--generation.temperature", "0", "--generation.top_k", "null",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "the earliest 1 dropped" in done.stderr  # 4 images, a context of 3
+    assert json.loads((out / "prompt" / "tokens.json").read_text())["tokens"] == [released["tokens"]]
+    for f in range(NUM_FRAMES):
+        png = np.asarray(Image.open(out / "prompt" / f"c0_f{f}.png"), dtype=np.int16)
+        assert np.abs(png - released["decoded"][f]).max() <= 1, f
+    grid = Image.open(out / "prompt.png")
+    assert grid.height > 16 + 2 * 2  # a header band above the row of cells
+
+
+def test_prompt_names_an_unreadable_image(released, repo_root, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    done = run(
+        repo_root, "prompt", "--lvm", "x.ckpt", "--tokenizer", "y.ckpt", "--images", released["images"][0], str(bad),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: images: cannot read {bad}")
+
+
+def test_import_vqgan_refuses_what_does_not_fit(released, repo_root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    done = run(repo_root, "import-vqgan", "--source_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.ckpt"))
+    assert done.returncode == 2 and "neither an open-muse VQGANModel nor a diffusers VQModel" in done.stderr
+    muse = released["root"] / "muse"
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "pytorch_model.bin").write_bytes((muse / "pytorch_model.bin").read_bytes())
+    cfg = json.loads((muse / "config.json").read_text()) | {"num_embeddings": 128}
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    done = run(repo_root, "import-vqgan", "--source_dir", str(wrong), "--out", str(tmp_path / "x.ckpt"))
+    assert done.returncode == 2 and "weights do not match its config.json" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()[-1]) < 400 and not (tmp_path / "x.ckpt").exists()
