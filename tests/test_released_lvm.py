@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from released_lvm import (
     CODES,
     TOKENS_PER_IMAGE,
@@ -25,8 +24,17 @@ from released_lvm import (
     to_vqmodel,
 )
 
+from lvm_pl.console import UserError
+from lvm_pl.images import to_tensor, to_uint8
+from lvm_pl.interop.vqgan_import import import_vqgan
+from lvm_pl.vqgan import load_tokenizer
+from main import main
+
 BLOCK = 4 * TOKENS_PER_IMAGE  # 3 prompt frames + the generated one (its last token never fed)
 NUM_FRAMES = 2
+
+# load_tokenizer outside LightningCLI: save_hyperparameters sees the built parts
+pytestmark = pytest.mark.filterwarnings("ignore:Attribute '.*' is an instance of `nn.Module`")
 
 
 def run(repo_root, *args: str) -> subprocess.CompletedProcess:
@@ -73,7 +81,7 @@ def released(tmp_path_factory):
             context = out[:, -3 * TOKENS_PER_IMAGE :]
         generated = torch.stack(frames)  # [F, 16]
         decoded = (muse.decode_code(generated).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    return {"root": root, "images": paths, "tokens": generated.tolist(), "decoded": decoded}
+    return {"root": root, "images": paths, "prompt_ids": ids, "tokens": generated.tolist(), "decoded": decoded}
 
 
 def test_import_hf_reads_both_release_forms_alike(released, repo_root):
@@ -98,8 +106,7 @@ def test_import_hf_reads_both_release_forms_alike(released, repo_root):
         assert torch.equal(v, b["state_dict"][k]), k
 
 
-@pytest.mark.parametrize("tokenizer", ["muse", "amused"])
-def test_prompt_matches_the_reference(released, repo_root, tokenizer):
+def test_prompt_matches_the_reference(released, repo_root):
     root = released["root"]
     if not (root / "lvm_bin.ckpt").exists():
         done = run(
@@ -107,12 +114,12 @@ def test_prompt_matches_the_reference(released, repo_root, tokenizer):
             "--codebook_size", str(CODES), "--tokens_per_image", str(TOKENS_PER_IMAGE),
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-    done = run(repo_root, "import-vqgan", "--source_dir", str(root / tokenizer), "--out", str(root / f"{tokenizer}.ckpt"))
+    done = run(repo_root, "import-vqgan", "--source_dir", str(root / "muse"), "--out", str(root / "muse.ckpt"))
     assert done.returncode == 0, done.stderr
-    assert "pixels in [0.0, 1.0]" in done.stderr
-    out = root / f"out_{tokenizer}"
+    assert "open-muse VQGANModel" in done.stderr and "pixels in [0.0, 1.0]" in done.stderr
+    out = root / "out"
     done = run(
-        repo_root, "prompt", "--lvm", str(root / "lvm_bin.ckpt"), "--tokenizer", str(root / f"{tokenizer}.ckpt"),
+        repo_root, "prompt", "--lvm", str(root / "lvm_bin.ckpt"), "--tokenizer", str(root / "muse.ckpt"),
         "--images", *released["images"], "--out", str(out), "--num_frames", str(NUM_FRAMES),
         "--generation.temperature", "0", "--generation.top_k", "null",
     )  # fmt: skip
@@ -126,27 +133,45 @@ def test_prompt_matches_the_reference(released, repo_root, tokenizer):
     assert grid.height > 16 + 2 * 2  # a header band above the row of cells
 
 
-def test_prompt_names_an_unreadable_image(released, repo_root, tmp_path):
+def test_the_diffusers_export_imports_to_the_same_tokenizer(released, repo_root):
+    """amused's VQModel layout (fp16 safetensors) gives the same ids and decodes as open-muse's; after the import the
+    prompt path is the one above, so the tokenizer is checked here directly."""
+    root = released["root"]
+    done = run(repo_root, "import-vqgan", "--source_dir", str(root / "amused"), "--out", str(root / "amused.ckpt"))
+    assert done.returncode == 0, done.stderr
+    assert "diffusers VQModel" in done.stderr and "pixels in [0.0, 1.0]" in done.stderr
+    vq = load_tokenizer(root / "amused.ckpt")
+    images = torch.stack([to_tensor(np.asarray(Image.open(p))) for p in released["images"]])  # [-1, 1]
+    assert torch.equal(vq.encode(images).flatten(1), released["prompt_ids"])
+    decoded = to_uint8(vq.decode(torch.tensor(released["tokens"]).view(-1, 4, 4))).astype(np.int16)
+    assert np.abs(decoded - released["decoded"]).max() <= 1
+
+
+def test_prompt_names_an_unreadable_image(released, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    done = run(
-        repo_root, "prompt", "--lvm", "x.ckpt", "--tokenizer", "y.ckpt", "--images", released["images"][0], str(bad),
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: images: cannot read {bad}")
+    with pytest.raises(SystemExit) as exit_:
+        main(["prompt", "--lvm", "x.ckpt", "--tokenizer", "y.ckpt", "--images", released["images"][0], str(bad)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: images: cannot read {bad}")
 
 
-def test_import_vqgan_refuses_what_does_not_fit(released, repo_root, tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    done = run(repo_root, "import-vqgan", "--source_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.ckpt"))
-    assert done.returncode == 2 and "neither an open-muse VQGANModel nor a diffusers VQModel" in done.stderr
+def test_import_vqgan_refuses_what_does_not_fit(released, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(UserError, match="neither an open-muse VQGANModel nor a diffusers VQModel"):
+        import_vqgan(str(tmp_path / "other"), str(tmp_path / "x.ckpt"))
     muse = released["root"] / "muse"
-    wrong = tmp_path / "wrong"
-    wrong.mkdir()
-    (wrong / "pytorch_model.bin").write_bytes((muse / "pytorch_model.bin").read_bytes())
-    cfg = json.loads((muse / "config.json").read_text()) | {"num_embeddings": 128}
-    (wrong / "config.json").write_text(json.dumps(cfg))
-    done = run(repo_root, "import-vqgan", "--source_dir", str(wrong), "--out", str(tmp_path / "x.ckpt"))
-    assert done.returncode == 2 and "weights do not match its config.json" in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()[-1]) < 400 and not (tmp_path / "x.ckpt").exists()
+    cases = [
+        ({"num_embeddings": 128}, "weights do not match its config.json.*128"),  # codebook
+        ({"hidden_channels": 64}, "weights do not match its config.json.*64"),  # channels
+        ({"decoder_res_blocks": 3}, "decoder_res_blocks=3 is not supported"),
+    ]
+    for i, (change, named) in enumerate(cases):
+        wrong = tmp_path / f"wrong{i}"
+        wrong.mkdir()
+        (wrong / "pytorch_model.bin").write_bytes((muse / "pytorch_model.bin").read_bytes())
+        (wrong / "config.json").write_text(json.dumps(json.loads((muse / "config.json").read_text()) | change))
+        with pytest.raises(UserError, match=named) as err:
+            import_vqgan(str(wrong), str(tmp_path / "x.ckpt"))
+        assert "\n" not in str(err.value) and not (tmp_path / "x.ckpt").exists()
