@@ -21,7 +21,7 @@ SHAPE = dict(n_embd=32, n_layer=2, n_head=4, n_query_groups=2, intermediate_size
 def lvm_checkpoint(tmp_path):
     """A saved LVM with random weights (GQA, a non-default rope base)."""
     torch.manual_seed(0)
-    module = LVM(model="tiny", model_overrides=SHAPE, layout=LAYOUT.to_dict())
+    module = LVM(preset="tiny", overrides=SHAPE, layout=LAYOUT.to_dict())
     module.configure_model()
     trainer = Trainer(logger=False, max_steps=0)
     trainer.strategy.connect(module)
@@ -104,14 +104,14 @@ def test_imported_checkpoint_initialises_a_fit(tmp_path, lvm_checkpoint):
     ckpt, ours = lvm_checkpoint
     export_hf(str(ckpt), str(tmp_path / "hf"))
     import_hf(str(tmp_path / "hf"), str(tmp_path / "imported.ckpt"))
-    module = LVM(model="tiny", model_overrides=SHAPE, init_from=str(tmp_path / "imported.ckpt"))
+    module = LVM(preset="tiny", overrides=SHAPE, init_from=str(tmp_path / "imported.ckpt"))
     module.configure_model()
     assert module.layout == LAYOUT and module.hparams.init_from is None
     idx = torch.randint(0, 46, (1, 9))
     module.eval()
     with torch.no_grad():
         torch.testing.assert_close(module(idx), ours(idx))
-    wrong = LVM(model="tiny", init_from=str(tmp_path / "imported.ckpt"))
+    wrong = LVM(preset="tiny", init_from=str(tmp_path / "imported.ckpt"))
     with pytest.raises(UserError, match="weights do not fit"):
         wrong.configure_model()
 

@@ -103,7 +103,7 @@ def test_import_hf_reads_both_release_forms_alike(released, repo_root):
     assert (layout["add_bos"], layout["add_eos"], layout["vocab_size"], layout["codebook_size"]) == (
         False, False, CODES + 100, CODES,
     )  # fmt: skip
-    assert a["hyper_parameters"]["model_overrides"]["rope_base"] == 10000.0  # no rope_theta: LLaMA's default
+    assert a["hyper_parameters"]["overrides"]["rope_base"] == 10000.0  # no rope_theta: LLaMA's default
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k, v in a["state_dict"].items():
         assert v.dtype == torch.bfloat16, k  # the checkpoint's dtype is kept
