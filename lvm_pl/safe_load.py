@@ -44,6 +44,7 @@ def load_torch_file(path: str | Path, name: str | None = None, mmap: bool = Fals
     """`torch.load(path, weights_only=True)` on CPU; a missing, foreign or code-carrying file is a UserError naming it
     (`name`, default the path). `mmap` maps tensors instead of reading them (cheap checks of large files)."""
     name = name or str(path)
+    mmap = mmap and zipfile.is_zipfile(path)  # torch's legacy (pre-1.6, not zip) format cannot be mapped
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
