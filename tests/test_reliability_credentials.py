@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FAKE = {
     "AWS_ACCESS_KEY_ID": "AKIAFAKELVMPL0TEST42",
     "AWS_SECRET_ACCESS_KEY": "fAkE/sEcReT+lvmpl0123456789abcdefGHIJKLm",
@@ -26,6 +28,7 @@ def _main(repo: Path, cwd: Path, args: list[str]) -> subprocess.CompletedProcess
     return done
 
 
+@pytest.mark.slow  # two `main.py` runs: ~25 s on 2 idle cores
 def test_environment_credentials_reach_no_output(tmp_path, repo_root):
     configs = repo_root / "configs"
     data = ["-c", str(configs / "vqgan/tiny.yaml"), "-c", str(configs / "data/builtin.yaml")]

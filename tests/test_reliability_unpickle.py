@@ -97,6 +97,7 @@ CASES = [
     Case("lvm_test_ckpt_path", f"main.py test {LVM_TEST} --ckpt_path={{evil}}"),
     Case("lvm_predict_ckpt_path", f"main.py predict {GENERATE} --ckpt_path={{evil}}"),
     Case("lvm_init_from", f"main.py fit {LVM} --model.init_args.init_from={{evil}}"),
+    Case("lvm_fit_tokenizer", "main.py fit -c {c}/lvm/tiny.yaml -c {c}/data/builtin.yaml --model.tokenizer={evil}"),
     Case("lvm_test_tokenizer", f"main.py test {LVM_TEST} --model.init_args.tokenizer={{evil}}"),
     Case("lvm_predict_tokenizer", f"main.py predict {GENERATE} --model.init_args.tokenizer={{evil}}"),
     Case("export_hf", "main.py export-hf --checkpoint={evil} --out_dir=out"),
@@ -119,16 +120,18 @@ def _run(case: Case, root: Path, repo: Path) -> tuple[subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, repo_root) -> dict[str, Future]:
-    """Every case started at once (three at a time: each pays ~10 s of imports), in its own planted folder."""
+def runs(request, tmp_path_factory, repo_root) -> dict[str, Future]:
+    """Every selected case started at once (three at a time: each pays ~10 s of imports), in its own planted folder."""
+    params = [item.callspec.params for item in request.session.items if hasattr(item, "callspec")]
+    cases = [case for case in CASES if any(p.get("case") == case for p in params)]  # `-k convert_zero` runs one
     root = tmp_path_factory.mktemp("unpickle")
     rng = np.random.default_rng(0)
     shards.write_split(root / "data", "train", LAYOUT, [rng.integers(0, 32, size=(2, 4)) for _ in range(6)])
     shards.write_split(root / "data", "test", LAYOUT, [rng.integers(0, 32, size=(2, 4)) for _ in range(6)])
-    for case in CASES:
+    for case in cases:
         plant_all(root / case.name)
     pool = ThreadPoolExecutor(max_workers=3)
-    yield {case.name: pool.submit(_run, case, root, repo_root) for case in CASES}
+    yield {case.name: pool.submit(_run, case, root, repo_root) for case in cases}
     pool.shutdown(cancel_futures=True)
 
 
@@ -139,7 +142,7 @@ def test_the_planted_file_runs_code_when_unpickled(tmp_path):
     assert (tmp_path / "MARKER").exists()
 
 
-@pytest.mark.slow  # 13 `python main.py` processes: ~12 s each of imports on 2 shared cores
+@pytest.mark.slow  # 14 `python main.py` processes, ~12 s of imports each: ~80 s on 2 idle cores
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_a_code_carrying_file_is_refused_by_name(runs, case):
     done, where = runs[case.name].result()
