@@ -49,7 +49,7 @@ def trained(tmp_path):
     shards.write_split(tmp_path / "data", "train", LAYOUT, images)
     data = TokenDataModule(train=str(tmp_path / "data"), val=str(tmp_path / "data"), seq_len=8, batch_size=2)
     trainer = _trainer(max_steps=3, enable_checkpointing=False, limit_val_batches=0)
-    trainer.fit(LVM(model="tiny", model_overrides=SMALL, warmup_steps=0), data)
+    trainer.fit(LVM(preset="tiny", overrides=SMALL, optim={"warmup_steps": 0}), data)
     trainer.save_checkpoint(tmp_path / "reference.ckpt")
     return torch.load(tmp_path / "reference.ckpt", map_location="cpu", weights_only=False), tmp_path / "reference.ckpt"
 
@@ -138,7 +138,7 @@ def test_convert_gives_the_fp32_weights_and_a_checkpoint_lightning_accepts(tmp_p
     (want,) = _trainer().validate(LVM.load_from_checkpoint(reference), data)
     (got,) = _trainer().validate(model, data)
     (via_ckpt_path,) = _trainer().validate(
-        LVM(model="tiny", model_overrides=SMALL), data, ckpt_path=str(tmp_path / "out" / "lvm.ckpt")
+        LVM(preset="tiny", overrides=SMALL), data, ckpt_path=str(tmp_path / "out" / "lvm.ckpt")
     )
     assert got["val/loss"] == want["val/loss"] == via_ckpt_path["val/loss"]
 
