@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lvm_pl.console import UserError
 from lvm_pl.finite import NonFiniteLossError
+from lvm_pl.safe_load import deepspeed_state_types, load_error, weights_only_loads
 
 # Commands that are not Trainer entries: name -> "module:function". jsonargparse builds each one's CLI from its
 # signature and docstring, so adding a command is adding one line here.
@@ -69,7 +71,7 @@ class LVMCLI(LightningCLI):
         try:
             hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise UserError(f"ckpt_path={path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+            raise load_error(f"ckpt_path={path}", err) from None
         hparams.pop("_instantiator", None)
         if not hparams:
             return
@@ -81,6 +83,14 @@ class LVMCLI(LightningCLI):
                 hparams = migrate_hparams(hparams)
             hparams = {"class_path": class_path, "dict_kwargs": hparams}
         self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # DeepSpeed resumes a ZeRO directory with its own torch.load; main() makes it weights-only, so the plain
+            # data classes DeepSpeed pickles into optimizer states must be allowed
+            torch.serialization.add_safe_globals(deepspeed_state_types())
+        return trainer
 
 
 def check_renamed_keys(args: list[str]) -> None:
@@ -153,12 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `python main.py` and the `lvm` console script."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        if args and args[0] in COMMANDS:
-            from jsonargparse import auto_cli
+        with weights_only_loads():  # every file read is data: no torch.load below unpickles code
+            if args and args[0] in COMMANDS:
+                from jsonargparse import auto_cli
 
-            auto_cli(resolve_command(args[0]), args=gather_lists(args[0], args[1:]), as_positional=False)
-        else:
-            cli(argv)  # None: LightningCLI reads sys.argv itself
+                auto_cli(resolve_command(args[0]), args=gather_lists(args[0], args[1:]), as_positional=False)
+            else:
+                cli(argv)  # None: LightningCLI reads sys.argv itself
     except (UserError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

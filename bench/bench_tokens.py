@@ -13,6 +13,7 @@ Results go to bench/results/bench_tokens.json.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ from bench.common import ROOT, vqgan_from_config, write_results
 from callbacks.token_writer import TokenWriter
 from datamodules.tokens import TokenDataModule
 from lvm_pl import shards
-from lvm_pl.console import say
+from lvm_pl.console import UserError, say
+from lvm_pl.safe_load import weights_only_loads
 from lvm_pl.tokens import TokenLayout
 
 
@@ -149,6 +151,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="tokenize benchmark image side (pixels)")
     parser.add_argument("--images", type=int, default=None, help="tokenize benchmark images (64 quick, 2048 full)")
     args = parser.parse_args()
+    if args.vqgan:
+        from lvm_pl.vqgan import load_tokenizer
+
+        load_tokenizer(args.vqgan)  # a bad file fails here, not after minutes of timing
     results = {
         "loader": bench_loader(
             num_tokens=1 << 21 if args.quick else 1 << 26, workers=args.workers, min_seconds=1 if args.quick else 5
@@ -189,4 +195,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        with weights_only_loads():  # the predict pipeline's checkpoint read included
+            main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

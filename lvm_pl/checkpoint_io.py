@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,20 +20,23 @@ from lightning.fabric.utilities.types import _PATH
 
 from lvm_pl.atomic import atomic_path
 from lvm_pl.console import UserError
+from lvm_pl.safe_load import load_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` that writes local checkpoints with temp file + fsync + rename (remote paths: Lightning's);
-    a missing or unreadable `--ckpt_path` is a `UserError` naming it."""
+    reads are always weights-only; a missing, unreadable or code-carrying `--ckpt_path` is a `UserError` naming it."""
 
-    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: _PATH, map_location: Callable | None = lambda s, loc: s, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # `weights_only` is ignored on purpose: a checkpoint is data, whoever asks (Trainer.fit(weights_only=False))
         try:
-            return super().load_checkpoint(path, *args, **kwargs)
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
             raise UserError(f"ckpt_path={path}: no such checkpoint file") from None
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"ckpt_path={path}: not a readable checkpoint ({detail})") from None
+            raise load_error(f"ckpt_path={path}", err) from None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:

@@ -119,7 +119,7 @@ def _last(repo_root: Path, stage: str, run_dir: Path) -> Path:
 
 
 def _training_state(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights-only: a full checkpoint is plain data
     loop = ckpt["loops"]["fit_loop"]
     return {
         "global_step": ckpt["global_step"],
@@ -185,7 +185,7 @@ def test_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root, st
     proc.wait()
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    saved = torch.load(_last(repo_root, stage, run_dir), map_location="cpu", weights_only=False)
+    saved = torch.load(_last(repo_root, stage, run_dir), map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2 * EVERY
 
     unpaced = _override(repo_root, stage, run_dir, tmp_path / "data", 0.0)

@@ -153,7 +153,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 def _load_lvm(checkpoint: str) -> LVM:
     if not Path(checkpoint).is_file():
         raise UserError(f"checkpoint={checkpoint}: no such file")
-    module = LVM.load_from_checkpoint(checkpoint, map_location="cpu")
+    module = LVM.load_from_checkpoint(checkpoint, map_location="cpu")  # weights-only, a bad file named
     return module.eval()
 
 

@@ -27,6 +27,7 @@ from lvm_pl.lvm.evaluation.metrics import batch_sentences, sentence_frames
 from lvm_pl.lvm.generation import GenerationSettings, predict_batch
 from lvm_pl.lvm.model import LLaMA, RMSNorm
 from lvm_pl.lvm.settings import EvalSettings, OptimSettings, settings
+from lvm_pl.safe_load import load_torch_file
 from lvm_pl.stage_data import stage_data
 from lvm_pl.tensorboard import tensorboard
 from lvm_pl.tokens import TokenLayout, resolve_layout
@@ -106,12 +107,12 @@ class LVM(LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs: Any) -> LVM:
         """Lightning's loading, with a flat-argument LVM's hyper-parameters migrated to today's arguments."""
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        saved = load_torch_file(checkpoint_path, mmap=True)  # weights-only; a code-carrying file is refused by name
         hparams = saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
         if hparams.keys() & RENAMED.keys():
             kwargs = {**migrate_hparams(hparams), **kwargs}
             kwargs.pop("_class_path", None), kwargs.pop("_instantiator", None)
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, weights_only=True, **kwargs)
 
     @property
     def layout(self) -> TokenLayout | None:
@@ -170,11 +171,7 @@ class LVM(LightningModule):
                 block.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
 
     def _init_checkpoint(self) -> dict:
-        path = self.hparams.init_from
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except FileNotFoundError:
-            raise UserError(f"model.init_from={path}: no such file") from None
+        return load_torch_file(self.hparams.init_from, f"model.init_from={self.hparams.init_from}", mmap=True)
 
     def _load_init_weights(self) -> None:
         state = self._init_checkpoint()["state_dict"]
