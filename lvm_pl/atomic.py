@@ -91,7 +91,8 @@ def storage_fault(
 ) -> StorageError | None:
     """A `StorageError` naming `path` when `err` is a full disk, a read-only file system or a denied permission;
     `needed`: the output's size when known, `written`: the bytes written before the disk filled."""
-    code = getattr(err, "errno", None)
+    cause = next((e for e in _chain(err) if getattr(e, "errno", None) in FULL | DENIED.keys()), err)
+    code = getattr(cause, "errno", None)  # torch's writer reports the OSError it met as the context of its own
     full = code in FULL or "No space left on device" in str(err)
     if not full and code not in DENIED:
         return None
@@ -107,12 +108,21 @@ def storage_fault(
     return StorageError(f"{path}: {full_text}{kept}")
 
 
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """`err` and the exceptions it was raised from or during, each once."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 @contextlib.contextmanager
 def storage_errors(path: str | os.PathLike, needed: int | None = None, tmp: Path | None = None) -> Iterator[None]:
     """Re-raise a storage fault inside the block as a `StorageError` naming `path` (`tmp`: the partial output)."""
     try:
         yield
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - writers wrap OS errors (safetensors, torch): re-raised unless storage
         written = tmp.stat().st_size if tmp is not None and tmp.exists() else None
         fault = storage_fault(err, path, needed, written)
         if fault is None:

@@ -51,8 +51,8 @@ def user_message(err: BaseException, argv: list[str], command: Callable | None =
         if isinstance(e, MisconfigurationException):  # Lightning's word for a contradictory Trainer config
             return " ".join(str(e).split())
     for e in chain:
-        if isinstance(e, OSError) and e.filename is not None and (fault := storage_fault(e, e.filename)) is not None:
-            return str(fault)
+        if isinstance(e, OSError) and (fault := storage_fault(e, e.filename or "an output")) is not None:
+            return str(fault) if e.filename else f"{fault} (the file is not known; --debug shows the writer)"
     for e in chain:
         if isinstance(e, ArgumentError):
             return explain_argument_error(str(e.message), argv, command)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cli_runner import run_commands  # noqa: E402
@@ -37,7 +38,7 @@ class Case:
     what: str  # the bad input, for the doc
     argv: list[str]  # {R}: configs/, {A}: tiny_assets, {I}: this file's inputs, {cwd}, {logs}
     says: list[str]  # fragments the one `error:` line must contain, in order
-    storage: str | None = None  # "ro": read-only tmpfs, "full": a full one (the case's cwd)
+    storage: str | None = None  # the case's cwd is a tmpfs: "ro" read-only, "full" filled, "small" 1 MiB free
     plant: tuple[str, ...] = ("lvm_ckpt", "vqgan_ckpt", "shards", "png", "export")
 
 
@@ -88,6 +89,9 @@ CASES = [
          "--model.init_args.vocab_size=8292"], ["model.vocab_size=8292: token layout needs vocabulary 356"]),
     Case("LVM fit", "lvm_foreign_checkpoint", "--ckpt_path of a LightningModule that records no class", ["fit",
          *LVM_FIT, "--ckpt_path={I}/boring.ckpt"], ["boring.ckpt: not an LVM checkpoint"]),
+    Case("LVM fit", "lvm_other_class_checkpoint", "--ckpt_path saved by the CLI from another LightningModule", ["fit",
+         *LVM_FIT, "--ckpt_path={I}/other_class.ckpt"], ["other_class.ckpt: a checkpoint of test_reliability_cli_table"
+         ".OtherModule", "fit needs lvm_pl.lvm.module.LVM", "model.class_path: test_reliability_cli_table."]),
     Case("LVM test", "lvm_test_tokenizer_checkpoint", "the tokenizer's checkpoint as the LVM's --ckpt_path", ["test",
          *LVM_TEST, "--ckpt_path={A}/vqgan.ckpt"], ["vqgan.ckpt: a VQGAN tokenizer checkpoint",
          "test needs lvm_pl.lvm.module.LVM", "--model.init_args.tokenizer="]),
@@ -112,7 +116,7 @@ CASES = [
          "{R}/data/folder.yaml", "--data.init_args.source.init_args.root={I}/empty"], ["empty"]),
     Case("VQGAN fit", "vqgan_disk_full", "disk full while saving a checkpoint", ["fit", *VQGAN_FIT, "-c",
          "{I}/save_every_step_vqgan.yaml"], ["runs/vqgan_tiny/checkpoints/", "no space left on device (needs more than",
-         "bytes free"], storage="full", plant=("vqgan_ckpt",)),
+         "bytes free"], storage="small", plant=("vqgan_ckpt",)),
     # --- tokenizing: predict with the VQGAN and configs/tokenize.yaml
     Case("tokenize", "tokenize_split_mismatch", "writer split != data split (raised in a callback's setup)",
          ["predict", *TOKENIZE, "--trainer.callbacks.init_args.split=val"],
@@ -177,7 +181,8 @@ def render_table() -> str:
     """The markdown table docs/reliability.md holds between the errors-table markers."""
     rows = ["| stage | bad input | command | the `error:` line says |", "|---|---|---|---|"]
     for case in CASES:
-        where = {"ro": " (read-only tmpfs)", "full": " (full tmpfs)"}.get(case.storage, "")
+        where = {"ro": " (read-only tmpfs)", "full": " (full tmpfs)", "small": " (tmpfs, 1 MiB free)"}
+        where = where.get(case.storage, "")
         command = " ".join(a for a in case.argv if a.endswith(".yaml") and "{R}" in a).replace("{R}", "configs")
         command = f"`{case.argv[0]}{' ' + command if command else ''}`"
         says = " ... ".join(f"`{s}`" for s in case.says)
@@ -207,10 +212,17 @@ def test_the_table_covers_every_stage_and_command():
 # ---------------------------------------------------------------- running the cases
 
 
+class OtherModule(BoringModel):
+    """A LightningModule of neither stage that saves its hyper-parameters (so the CLI records its class)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+
 def _inputs(root: Path) -> Path:
     """Bad inputs: YAMLs with mistakes, an empty and a corrupt token directory, foreign and truncated checkpoints."""
     from lightning.pytorch import Trainer
-    from lightning.pytorch.demos.boring_classes import BoringModel
 
     root.mkdir()
     (root / "typo.yaml").write_text("trainer:\n  max_epochs: 1\n  max_stepz: 3\n")
@@ -226,6 +238,14 @@ def _inputs(root: Path) -> Path:
             "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
             f"      init_args: {{dirpath: runs/{stage}_tiny/checkpoints, save_last: true, every_n_train_steps: 1}}\n"
         )
+    from main import cli
+
+    boring = "lightning.pytorch.demos.boring_classes"
+    run = cli([f"--model={__name__}.OtherModule", f"--data={boring}.BoringDataModule", "--trainer.max_steps=1",
+               "--trainer.logger=false", "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={root}",
+               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"], run=False)  # fmt: skip
+    run.trainer.fit(run.model, run.datamodule)
+    run.trainer.save_checkpoint(root / "other_class.ckpt")  # records its class, as every CLI checkpoint does
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(BoringModel())
     trainer.save_checkpoint(root / "boring.ckpt")
