@@ -31,6 +31,9 @@ START, END = "<!-- errors-table:start -->", "<!-- errors-table:end -->"
 PARALLEL = 3
 
 
+STORAGE = {"ro": "read-only tmpfs", "full": "full tmpfs", "page": "tmpfs, 4 KiB free", "small": "tmpfs, 1 MiB free"}
+
+
 @dataclass(frozen=True)
 class Case:
     stage: str
@@ -38,7 +41,7 @@ class Case:
     what: str  # the bad input, for the doc
     argv: list[str]  # {R}: configs/, {A}: tiny_assets, {I}: this file's inputs, {cwd}, {logs}
     says: list[str]  # fragments the one `error:` line must contain, in order
-    storage: str | None = None  # the case's cwd is a tmpfs: "ro" read-only, "full" filled, "small" 1 MiB free
+    storage: str | None = None  # a key of STORAGE: the case's cwd is such a tmpfs
     plant: tuple[str, ...] = ("lvm_ckpt", "vqgan_ckpt", "shards", "png", "export")
 
 
@@ -56,7 +59,7 @@ SMALL = [
 ]
 VQGAN = ["-c", "{R}/vqgan/tiny.yaml", "-c", "{R}/data/builtin.yaml", *QUIET, *SMALL]
 VQGAN_FIT = [*VQGAN, "--trainer.max_steps=1", "--trainer.max_time=null", "--trainer.limit_val_batches=0"]
-TOKENIZE = [*VQGAN, "-c", "{R}/tokenize.yaml", "--data.init_args.max_images=4", "--ckpt_path={A}/vqgan.ckpt"]
+TOKENIZE = [*VQGAN, "-c", "{R}/tokenize.yaml", *QUIET, "--data.init_args.max_images=4", "--ckpt_path={A}/vqgan.ckpt"]
 EVAL = [
     *["-c", "{R}/lvm/tiny.yaml", "-c", "{R}/evaluate.yaml", "-c", "{R}/data/builtin_eval.yaml", *QUIET],
     *["--data.init_args.num_workers=0", "--data.init_args.batch_size=2"],
@@ -128,6 +131,9 @@ CASES = [
     Case("tokenize", "tokenize_read_only", "output_dir on a read-only file system", ["predict", *TOKENIZE],
          ["data/tokens/train/.lock-train-r00000: cannot write, read-only file system"], storage="ro",
          plant=("shards",)),
+    Case("tokenize", "tokenize_disk_full", "disk full while writing a shard", ["predict", *TOKENIZE,
+         "--trainer.callbacks.init_args.output_dir=data/tokens/more"], ["data/tokens/more/train-r00000-00000.bin: no "
+         "space left on device (needs 2,592 bytes, 0 bytes free)"], storage="page", plant=("shards",)),
     # --- evaluation: test with configs/evaluate.yaml
     Case("evaluate", "eval_tokenizer_is_lvm", "an LVM checkpoint as model.tokenizer", ["test", *EVAL,
          "--data.init_args.image_size=32", "--model.init_args.tokenizer={A}/lvm.ckpt"],
@@ -181,8 +187,7 @@ def render_table() -> str:
     """The markdown table docs/reliability.md holds between the errors-table markers."""
     rows = ["| stage | bad input | command | the `error:` line says |", "|---|---|---|---|"]
     for case in CASES:
-        where = {"ro": " (read-only tmpfs)", "full": " (full tmpfs)", "small": " (tmpfs, 1 MiB free)"}
-        where = where.get(case.storage, "")
+        where = f" ({STORAGE[case.storage]})" if case.storage else ""
         command = " ".join(a for a in case.argv if a.endswith(".yaml") and "{R}" in a).replace("{R}", "configs")
         command = f"`{case.argv[0]}{' ' + command if command else ''}`"
         says = " ... ".join(f"`{s}`" for s in case.says)
@@ -326,8 +331,10 @@ def table(tmp_path_factory, tiny_assets) -> dict:
                 continue
             mounts.append(cwd)
         _plant(cwd, tiny_assets, case.plant, link=not case.storage)
-        if case.storage == "full":
+        if case.storage in ("full", "page"):
             _fill(cwd)
+        if case.storage == "page":  # room for the lock file, none for a shard or the manifest
+            os.truncate(cwd / ".filler", (cwd / ".filler").stat().st_size - 4096)
         if case.storage == "ro":
             subprocess.run(["mount", "-o", "remount,ro", str(cwd)], check=True)
         values = {"R": str(REPO / "configs"), "A": str(assets_root), "I": str(inputs), "cwd": str(cwd),
