@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         args.remove("--debug")
         os.environ["LVM_PL_DEBUG"] = "1"
     if argv is None:
-        sys.argv[1:] = args  # LightningCLI warns when given args that differ from sys.argv
+        sys.argv[1:] = args
     command = resolve_command(args[0]) if args and args[0] in COMMANDS else None
     try:
         if command is not None:
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
             auto_cli(command, args=args[1:], as_positional=False, exit_on_error=False)
         else:
-            cli(args)
+            cli(None if argv is None else args)  # None: LightningCLI reads sys.argv (it warns when given both)
     except Exception as err:  # noqa: BLE001 - sorted into the user's mistakes and bugs by fail()
         fail(err, args, command)
 

@@ -69,6 +69,8 @@ def _worker_message(text: str) -> str:
 
 def explain_argument_error(message: str, argv: list[str], command: Callable | None = None) -> str:
     """jsonargparse's parse error -> `<where>: <key>: <problem>[ (did you mean ...?)]` on one line."""
+    if message.startswith("Problems parsing config"):
+        return _invalid_yaml(argv) or " ".join(message.split())
     if found := re.match(r"unrecognized arguments: (\S+)", message):
         key = found[1].lstrip("-").split("=")[0]
         return _line(key, "no such option", argv, _options(key, message, command))
@@ -89,6 +91,18 @@ def explain_argument_error(message: str, argv: list[str], command: Callable | No
         return _line(".".join(path), f"expected {_type_name(found[1])}, got {found[2].strip()!r}", argv, [])
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return "; ".join(lines[:3])
+
+
+def _invalid_yaml(argv: list[str]) -> str | None:
+    """`<file>:<line>: not valid YAML (<problem>)` for the first config file in `argv` that does not parse."""
+    for _, path in _config_files(argv):
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            return f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})"
+    return None
 
 
 def _nesting(message: str) -> tuple[list[str], list[str]]:
