@@ -122,6 +122,8 @@ def storage_errors(path: str | os.PathLike, needed: int | None = None, tmp: Path
     """Re-raise a storage fault inside the block as a `StorageError` naming `path` (`tmp`: the partial output)."""
     try:
         yield
+    except StorageError:
+        raise  # named already, by an inner writer
     except Exception as err:  # noqa: BLE001 - writers wrap OS errors (safetensors, torch): re-raised unless storage
         written = tmp.stat().st_size if tmp is not None and tmp.exists() else None
         fault = storage_fault(err, path, needed, written)

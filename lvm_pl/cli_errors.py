@@ -28,31 +28,30 @@ TRAINER_KEYS = ("config", "seed_everything", "trainer", "model", "data", "optimi
 GROUP_FLAGS = ("--model", "--data", "--trainer", "--optimizer", "--lr_scheduler")
 
 
-def _chain(err: BaseException) -> Iterator[BaseException]:
-    """`err`, then its causes and contexts, breadth first, each once."""
-    seen, queue = set(), [err]
-    while queue:
-        e = queue.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        queue += [c for c in (e.__cause__, e.__context__) if c is not None]
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """`err`, then what it was raised from (`raise ... from`, as jsonargparse wraps), each once. Not the exceptions it
+    was raised while handling: a bug in an `except UserError:` block must stay a bug."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__
 
 
 def user_message(err: BaseException, argv: list[str], command: Callable | None = None) -> str | None:
     """The one line for `err` (without `error: `), or None when it is a bug. `command`: the non-Trainer command's
     function, whose signature lists the valid options."""
-    chain = list(_chain(err))
+    chain = list(_causes(err))
     for e in chain:
         if isinstance(e, (UserError, NonFiniteLossError)):
             return _worker_message(str(e))
     for e in chain:
         if isinstance(e, MisconfigurationException):  # Lightning's word for a contradictory Trainer config
             return " ".join(str(e).split())
-    for e in chain:
-        if isinstance(e, OSError) and (fault := storage_fault(e, e.filename or "an output")) is not None:
-            return str(fault) if e.filename else f"{fault} (the file is not known; --debug shows the writer)"
+    for e in chain:  # storage_fault itself looks into the context too: torch's writer raises while handling ENOSPC
+        if isinstance(e, Exception) and (fault := storage_fault(e, getattr(e, "filename", None) or "an output")):
+            known = getattr(e, "filename", None)
+            return str(fault) if known else f"{fault} (the file is not known; --debug shows the writer)"
     for e in chain:
         if isinstance(e, ArgumentError):
             return explain_argument_error(str(e.message), argv, command)

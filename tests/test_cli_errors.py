@@ -59,3 +59,13 @@ def test_locate_names_the_last_file_and_line_that_set_a_key(tmp_path):
     sub = tmp_path / "model.yaml"
     sub.write_text("init_args:\n  warmup: 3\n")
     assert locate("model.init_args.warmup", ["fit", "--model", str(sub)]) == f"{sub}:2"
+
+
+def test_a_bug_while_handling_a_user_error_stays_a_bug():
+    try:
+        try:
+            raise UserError("x: bad")
+        except UserError:
+            {}["image"]  # a bug in the handler
+    except KeyError as bug:
+        assert user_message(bug, []) is None
