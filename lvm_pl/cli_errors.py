@@ -7,6 +7,7 @@ and rewrites the second as `<file>:<line>: <key>: <problem> (did you mean ...?)`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -112,7 +113,8 @@ def _nesting(message: str) -> tuple[list[str], list[str]]:
             path += found[1].split(".")
         elif found := re.match(r"\s*(?:- )?Problem with given class_path '([^']+)':", line):
             classes.append(found[1])
-            path.append("init_args")
+            if not dataclasses.is_dataclass(_child_path(found[1])):  # a settings dataclass takes its fields directly
+                path.append("init_args")
         elif line.strip().startswith("- Expected a <class 'NoneType'>"):
             break  # the other Union member: noise
     return path, classes

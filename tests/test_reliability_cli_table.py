@@ -80,7 +80,7 @@ CASES = [
     Case("LVM fit", "lvm_yaml_unknown_key", "misspelt Trainer key in a YAML", ["fit", *LVM_FIT, "-c", "{I}/typo.yaml"],
          ["typo.yaml:3: trainer.max_stepz: no such key (did you mean max_steps"]),
     Case("LVM fit", "lvm_yaml_wrong_type", "wrong type in a YAML", ["fit", *LVM_FIT, "-c", "{I}/wrong_type.yaml"],
-         ["wrong_type.yaml:3: model.init_args.lr: expected float, got 'fast'"]),
+         ["wrong_type.yaml:4: model.init_args.optim.lr: expected float, got 'fast'"]),
     Case("LVM fit", "lvm_yaml_class_typo", "mistyped data class_path in a YAML", ["fit", *LVM_FIT, "-c",
          "{I}/class_typo.yaml"], ["class_typo.yaml:2: data.class_path: no class 'datamodules.tokens.TokenDataModul'",
          "did you mean datamodules.tokens.TokenDataModule?"]),
@@ -90,8 +90,9 @@ CASES = [
          ["fit", *LVM_FIT, "--data.init_args.train={I}/empty"], ["empty/manifest.json: no token manifest here"]),
     Case("LVM fit", "lvm_corrupt_manifest", "corrupt manifest.json", ["fit", *LVM_FIT,
          "--data.init_args.train={I}/corrupt"], ["corrupt/manifest.json: unreadable manifest"]),
-    Case("LVM fit", "lvm_vocab_mismatch", "vocab_size that contradicts the shards' layout", ["fit", *LVM_FIT,
-         "--model.init_args.vocab_size=8292"], ["model.vocab_size=8292: token layout needs vocabulary 356"]),
+    Case("LVM fit", "lvm_renamed_key", "an argument of the flat-argument LVM (renamed)", ["fit", *LVM_FIT,
+         "--model.init_args.warmup_steps=3"], ["model.init_args.warmup_steps is no longer an LVM argument; use "
+         "model.init_args.optim.warmup_steps"]),
     Case("LVM fit", "lvm_foreign_checkpoint", "--ckpt_path of a LightningModule that records no class", ["fit",
          *LVM_FIT, "--ckpt_path={I}/boring.ckpt"], ["boring.ckpt: not an LVM checkpoint"]),
     Case("LVM fit", "lvm_other_class_checkpoint", "--ckpt_path saved by the CLI from another LightningModule", ["fit",
@@ -140,9 +141,10 @@ CASES = [
     Case("evaluate", "eval_tokenizer_is_lvm", "an LVM checkpoint as model.tokenizer", ["test", *EVAL,
          "--data.init_args.image_size=32", "--model.init_args.tokenizer={A}/lvm.ckpt"],
          ["lvm.ckpt is not a VQGAN checkpoint"]),
-    Case("evaluate", "eval_image_size_mismatch", "data.image_size the LVM was not trained on (raised in the loop)",
+    Case("evaluate", "eval_image_size_mismatch", "data.image_size the LVM was not trained on (raised in the handshake)",
          ["test", *EVAL, "--data.init_args.image_size=16", "--model.init_args.tokenizer={A}/vqgan.ckpt"],
-         ["data.image_size=16: the tokenizer makes 16 tokens of such an image", "trained on 64 tokens per image"]),
+         ["token layouts disagree: the LVM checkpoint has", "'tokens_per_image': 64", "data.image_size=16 has",
+          "'tokens_per_image': 16"]),
     Case("evaluate", "eval_no_test_shards", "test token directory that does not exist", ["test", *LVM_TEST,
          "--data.init_args.test={I}/no_such_dir", "--ckpt_path={A}/lvm.ckpt"], ["no_such_dir: no token manifest here"]),
     # --- prompting: predict with configs/generate.yaml (+ prompt data configs)
@@ -233,7 +235,7 @@ def _inputs(root: Path) -> Path:
 
     root.mkdir()
     (root / "typo.yaml").write_text("trainer:\n  max_epochs: 1\n  max_stepz: 3\n")
-    (root / "wrong_type.yaml").write_text("model:\n  init_args:\n    lr: fast\n")
+    (root / "wrong_type.yaml").write_text("model:\n  init_args:\n    optim:\n      lr: fast\n")
     (root / "invalid.yaml").write_text("trainer:\n  max_steps: [1\n")
     (root / "class_typo.yaml").write_text("data:\n  class_path: datamodules.tokens.TokenDataModul\n")
     (root / "empty").mkdir()

@@ -22,6 +22,6 @@ def test_prompt_images_of_mixed_sizes_are_resized_to_the_data_size(tmp_path):
     dm = PromptDataModule(file=str(tmp_path / "p.yaml"), image_size=16, batch_size=2)
     dm.setup()
     batch = next(iter(dm.predict_dataloader()))
-    assert batch["prompt"].shape == (2, 3, 3, 16, 16) and batch["num_prompt"].tolist() == [2, 3]
+    assert batch.prompt.shape == (2, 3, 3, 16, 16) and batch.num_prompt.tolist() == [2, 3]
     # the content survives the resize: a flat image of value v stays v (in [-1, 1])
-    assert torch.allclose(batch["prompt"][1, 1], torch.full((3, 16, 16), 40 * 3 / 127.5 - 1))
+    assert torch.allclose(batch.prompt[1, 1], torch.full((3, 16, 16), 40 * 3 / 127.5 - 1))
