@@ -56,8 +56,8 @@ STAGES = {
     "lvm": {
         "configs": ["configs/lvm/tiny.yaml", "configs/data/tokens.yaml"],
         "model": {
-            "model_overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64},
-            "warmup_steps": 2,
+            "overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64},
+            "optim": {"warmup_steps": 2},
         },
         "data": {"train": "{data}", "val": None, "seq_len": 8, "batch_size": 2, "num_workers": 0},
     },
