@@ -18,13 +18,15 @@ WRITES = re.compile(
 
 # (file, stripped line): why it is atomic or not an output
 REVIEWED = {
-    ("lvm_pl/checkpoint_io.py", "torch.save(checkpoint, tmp)"): "inside atomic_path",
+    ("lvm_pl/checkpoint_io.py", 'with atomic_path(path) as tmp, open(tmp, "wb") as f:'): "the temporary path of "
+    "atomic_path",
+    ("lvm_pl/checkpoint_io.py", "torch.save(checkpoint, f)"): "into that file",
     (
         "lvm_pl/shards.py",
         'with atomic_path(directory / f"{name}.idx.npz") as tmp, open(tmp, "wb") as f:',
     ): "the temporary path of atomic_path",
     ("lvm_pl/shards.py", "np.savez("): "into that file",
-    ("lvm_pl/lvm/evaluation.py", 'fig.savefig(buf, format="png")'): "into a BytesIO, then atomic.write_bytes",
+    ("lvm_pl/lvm/evaluation/report.py", 'fig.savefig(buf, format="png")'): "into a BytesIO, then atomic.write_bytes",
     ("lvm_pl/interop/hf_llama.py", "config.save_pretrained(tmp)"): "the temporary directory of atomic_dir",
     (
         "lvm_pl/interop/hf_llama.py",

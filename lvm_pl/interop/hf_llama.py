@@ -15,6 +15,7 @@ import lightning
 import torch
 
 from lvm_pl.atomic import atomic_dir, torch_save
+from lvm_pl.checkpoint_io import check_stage
 from lvm_pl.console import UserError, say
 from lvm_pl.interop.weights import iter_weights, weight_files
 from lvm_pl.lvm.config import PRESETS, LVMConfig
@@ -153,6 +154,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 def _load_lvm(checkpoint: str) -> LVM:
     if not Path(checkpoint).is_file():
         raise UserError(f"checkpoint={checkpoint}: no such file")
+    check_stage(checkpoint, f"{LVM.__module__}.{LVM.__qualname__}", "export-hf", key="checkpoint")
     module = LVM.load_from_checkpoint(checkpoint, map_location="cpu")  # weights-only, a bad file named
     return module.eval()
 
