@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -224,7 +225,8 @@ def summary(name: str, got: dict) -> str:
         mem = f", peak {got['peak_memory_gib']:.1f} GiB" if got.get("peak_memory_gib") else ""
         return f"{got['tokens_per_s']:.0f} tokens/s{mfu}{mem}"
     if "best_doc_mask_vs_causal" in got:
-        rates = ", ".join(f"{k.removeprefix('ours_') or 'causal'} {v:.0f}" for k, v in got["tokens_per_s"].items())
+        named = {k.removeprefix("ours").lstrip("_") or "causal": v for k, v in got["tokens_per_s"].items()}
+        rates = ", ".join(f"{k} {v:.0f}" for k, v in named.items())
         return f"tokens/s {rates}; best document mask {got['best_doc_mask_vs_causal']:.2f}x causal"
     if "ratios_vs_reference" in got:
         return "; ".join(f"{k}: {v:.2f}x" for k, v in list(got["ratios_vs_reference"].items())[:3])
@@ -244,14 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: walk every part")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the JSON and table go")
-    parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: <out>/gpu_check_work)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new temporary one)")
     args = parser.parse_args(argv)
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         say("error: no CUDA device visible; run with --dry-run on a CPU")
         return 2
     size = DRY if dry else REAL
-    work = args.work or args.out / "gpu_check_work"
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     make_shards(work, size)
     rows = []

@@ -24,7 +24,7 @@ def test_gpu_check_dry_run_walks_every_part(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=180,
+        timeout=600,
     )
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = {row["part"]: row for row in report["parts"]}
