@@ -4,8 +4,8 @@ an H100/H200), writing bench/results/gpu_check.json and gpu_check.md.
 python -m bench.gpu_check [--dry-run] [--out DIR]
 
 Parts (each prints PASS/FAIL/ERROR with its figure, SKIP with its reason; one that fails does not stop the others):
-  fit_<strategy>  300m preset, 4096-token windows, bf16-mixed: a short `fit` through main.py with configs/lvm/recipe.yaml,
-                  300m.yaml and configs/trainer/<strategy>.yaml on token shards made here (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + offload):
+  fit_<strategy>  300m preset, 4096-token windows, bf16-mixed: a short `fit` through main.py with the recipe, 300m
+                  and configs/trainer/<strategy>.yaml on token shards made here (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + offload):
                   tokens/s, MFU, peak memory.
   convert_zero    the ZeRO-3 run's checkpoint through `main.py convert-zero`: every weight of the model, finite.
   attention       training step tokens/s: causal (doc_mask false) vs document masks (dense SDPA, flex attention).
@@ -109,7 +109,8 @@ def fit(strategy: str, work: Path, size: dict, dry: bool, checkpoint: Path | Non
     """A short fit through the real CLI and configs; returns the probe's figures."""
     out = work / f"fit_{strategy}.json"
     configs = ["lvm/recipe.yaml", "lvm/300m.yaml", f"trainer/{strategy}.yaml", "data/tokens.yaml"]  # its usage line
-    argv = [sys.executable, str(ROOT / "main.py"), "fit", *[a for c in configs for a in ("-c", str(ROOT / "configs" / c))]]
+    argv = [sys.executable, str(ROOT / "main.py"), "fit"]
+    argv += [a for c in configs for a in ("-c", str(ROOT / "configs" / c))]
     argv += [f"--data.init_args.train={work / 'shards'}", "--data.init_args.val=null", "--data.init_args.num_workers=0"]
     argv += [f"--data.init_args.seq_len={size['seq_len']}", f"--data.init_args.batch_size={size['batch_size']}"]
     argv += ["--data.init_args.verify=size", f"--trainer.max_steps={size['steps'] + 2}"]
