@@ -35,6 +35,7 @@ from lightning.pytorch import Callback
 
 from bench.common import ROOT, gemm, header
 from lvm_pl.atomic import write_json, write_text
+from lvm_pl.batches import batch_tokens
 from lvm_pl.console import say
 
 STRATEGIES = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
@@ -65,7 +66,7 @@ class FitProbe(Callback):
         _sync(pl_module.device)
         if batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self._start)
-            self.tokens = batch["input_ids"].numel() * trainer.world_size
+            self.tokens = batch_tokens(batch) * trainer.world_size
 
     def on_train_end(self, trainer, pl_module) -> None:
         from lightning.fabric.utilities.throughput import get_available_flops
