@@ -41,6 +41,7 @@ from lvm_pl.console import say
 STRATEGIES = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 REAL = dict(preset="300m", seq_len=4096, batch_size=4, steps=12, codebook=8192, tokens_per_image=256, sentences=240)
 DRY = dict(preset="tiny", seq_len=128, batch_size=2, steps=3, codebook=64, tokens_per_image=16, sentences=24)
+VQGAN = ["--config", "configs/vqgan/recipe.yaml"]  # the released tokenizer (muse_f16_8192.yaml: a delta)
 DRY_MODEL = "{n_layer: 1, n_embd: 32, n_head: 2, intermediate_size: 64, block_size: 128, doc_mask: true}"
 
 
@@ -216,7 +217,7 @@ PARTS: dict[str, Callable[[Path, dict, bool], tuple[bool, dict]]] = {
         ["--preset", "300m", "--sweep", "15", "15", "--compile", "--repeats", "2"],
         ["--quick", "--sweep", "1", "2"],
     ),
-    "vqgan": bench_part("bench_vqgan", ["--batch-size", "32", "--repeats", "3"], ["--quick"]),
+    "vqgan": bench_part("bench_vqgan", [*VQGAN, "--batch-size", "32", "--repeats", "3"], [*VQGAN, "--quick"]),
 }
 
 

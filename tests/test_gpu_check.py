@@ -30,9 +30,10 @@ def test_gpu_check_dry_run_walks_every_part(tmp_path):
     parts = {row["part"]: row for row in report["parts"]}
     assert list(parts) == list(PARTS)
     errors = {name: row["details"]["error"] for name, row in parts.items() if row["status"] == "ERROR"}
-    assert not errors, f"{errors}\n{done.stdout[-3000:]}"
+    printed = done.stdout + done.stderr  # the lines go through lvm_pl.console.say (stderr)
+    assert not errors, f"{errors}\n{printed[-3000:]}"
     for name, row in parts.items():
-        assert f"{row['status']} {name}: " in done.stdout
+        assert f"{row['status']} {name}: " in printed
     assert parts["fit_ddp"]["status"] == "PASS" and parts["attention"]["status"] in ("PASS", "FAIL")
     assert {name for name, row in parts.items() if row["status"] == "SKIP"} <= {*DEEPSPEED_PARTS, "convert_zero"}
     assert "| fit_deepspeed_zero3_offload |" in (tmp_path / "gpu_check.md").read_text()
