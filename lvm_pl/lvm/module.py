@@ -27,6 +27,7 @@ from lvm_pl.lvm.evaluation.metrics import batch_sentences, sentence_frames
 from lvm_pl.lvm.generation import GenerationSettings, predict_batch
 from lvm_pl.lvm.model import LLaMA, RMSNorm
 from lvm_pl.lvm.settings import EvalSettings, OptimSettings, settings
+from lvm_pl.optim import adamw, warmup_cosine_schedule
 from lvm_pl.safe_load import load_torch_file
 from lvm_pl.stage_data import stage_data
 from lvm_pl.tensorboard import tensorboard
@@ -384,18 +385,8 @@ class LVM(LightningModule):
                 excluded = isinstance(module, (RMSNorm, torch.nn.Embedding)) or name == "bias"
                 (no_decay if opt.exclude_from_decay and excluded else decay).append(p)
         groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=opt.lr, betas=opt.betas)
+        optimizer = adamw(groups, self.trainer.strategy, lr=opt.lr, betas=tuple(opt.betas))
         total = opt.decay_steps or int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, opt.warmup_steps, total, opt.min_lr / opt.lr)
-        )
+        schedule = warmup_cosine_schedule(optimizer, opt.warmup_steps, total, opt.min_lr / opt.lr)
         say(f"LVM {self.config.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, {total} steps")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """lr multiplier: linear 0 -> 1 over `warmup` steps, cosine 1 -> `floor` until `total`, then `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

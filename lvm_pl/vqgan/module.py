@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from lvm_pl.console import UserError, say
 from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.images import grid, to_uint8
 from lvm_pl.metrics import frechet_inception_distance, inception_weights, psnr, ssim
+from lvm_pl.optim import adamw, warmup_cosine_schedule
 from lvm_pl.tensorboard import tensorboard
 from lvm_pl.vqgan.autoencoder import Autoencoder
 from lvm_pl.vqgan.losses import VQGANLoss
@@ -262,7 +262,8 @@ class VQGAN(LightningModule):
         writer.add_image(tag, grid(rows), self.global_step, dataformats="HWC")
 
     def configure_optimizers(self):
-        """AdamW with two groups (autoencoder + quantizer, discriminator); warmup then cosine to min_lr_ratio."""
+        """AdamW following the strategy (`lvm_pl.optim.adamw`) with two groups (autoencoder + quantizer,
+        discriminator); warmup then cosine to min_lr_ratio."""
         hp = self.hparams
         ae_params = [p for m in (self.autoencoder, self.quantizer) for p in m.parameters() if p.requires_grad]
         groups = [
@@ -273,14 +274,7 @@ class VQGAN(LightningModule):
                 "betas": tuple(hp.disc_betas or hp.betas),
             },
         ]
-        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        optimizer = adamw(groups, self.trainer.strategy, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine_schedule(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
