@@ -59,7 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 px images, two repeats (CI smoke run)")
     parser.add_argument(
-        "--config", default="configs/vqgan/recipe.yaml", help="our VQGAN YAML with a model: section (the recipe is the released architecture)"
+        "--config",
+        default="configs/vqgan/recipe.yaml",
+        help="our VQGAN YAML with a model: section (the recipe is the released architecture)",
     )
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
