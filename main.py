@@ -2,11 +2,14 @@
 
 python main.py fit -c configs/vqgan/tiny.yaml -c configs/data/builtin.yaml
 python main.py export-hf --help
+python main.py prompt --lvm LVM.ckpt --tokenizer VQGAN.ckpt --images a.png b.png c.png --out out/
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import pickle
 import sys
 from collections.abc import Callable
@@ -14,11 +17,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from lvm_pl.checkpoint_io import check_stage
+from lvm_pl.cli_errors import user_message
 from lvm_pl.console import UserError
-from lvm_pl.finite import NonFiniteLossError
+from lvm_pl.safe_load import deepspeed_state_types, load_error, weights_only_loads
 
 # Commands that are not Trainer entries: name -> "module:function". jsonargparse builds each one's CLI from its
 # signature and docstring, so adding a command is adding one line here.
@@ -26,9 +32,15 @@ COMMANDS: dict[str, str] = {
     "preview-data": "datamodules.preview:preview_data",
     "export-hf": "lvm_pl.interop.hf_llama:export_hf",
     "import-hf": "lvm_pl.interop.hf_llama:import_hf",
+    "import-vqgan": "lvm_pl.interop.vqgan_import:import_vqgan",
+    "export-diffusers": "lvm_pl.interop.diffusers_vq:export_diffusers",
+    "prompt": "lvm_pl.prompting:prompt",
     "convert-zero": "lvm_pl.interop.zero:convert_zero",
     "demo": "lvm_pl.demo:demo",
 }
+
+# Options that take several values the shell way (`--images a.png b.png`): jsonargparse wants one JSON list
+LIST_OPTIONS: dict[str, tuple[str, ...]] = {"prompt": ("--images",)}
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -43,7 +55,8 @@ class LVMCLI(LightningCLI):
     """LightningCLI with model and data in subclass mode; configs compose left to right (`-c a.yaml -c b.yaml`)."""
 
     def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
-        main_kwargs.setdefault("epilog", "other commands: " + ", ".join(sorted(COMMANDS)) + " (each with --help)")
+        epilog = "other commands: " + ", ".join(sorted(COMMANDS)) + " (each with --help); --debug: full tracebacks"
+        main_kwargs.setdefault("epilog", epilog)
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
 
     def parse_arguments(self, parser, args) -> None:
@@ -58,10 +71,14 @@ class LVMCLI(LightningCLI):
         path = self.config[self.config.subcommand].get("ckpt_path")
         if not path or not Path(path).is_file():
             return
+        # a checkpoint of the other stage would rebuild the wrong class below: it stops here, naming both
+        model = self.config[self.config.subcommand].get("model")
+        if model is not None:
+            check_stage(path, model.get("class_path"), self.config.subcommand)
         try:
             hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise UserError(f"ckpt_path={path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+            raise load_error(f"ckpt_path={path}", err) from None
         hparams.pop("_instantiator", None)
         if not hparams:
             return
@@ -73,6 +90,14 @@ class LVMCLI(LightningCLI):
                 hparams = migrate_hparams(hparams)
             hparams = {"class_path": class_path, "dict_kwargs": hparams}
         self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # DeepSpeed resumes a ZeRO directory with its own torch.load; main() makes it weights-only, so the plain
+            # data classes DeepSpeed pickles into optimizer states must be allowed
+            torch.serialization.add_safe_globals(deepspeed_state_types())
+        return trainer
 
 
 def check_renamed_keys(args: list[str]) -> None:
@@ -114,6 +139,8 @@ def cli(args: list[str] | None = None, run: bool = True) -> LVMCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},  # resuming into an existing run directory must not be blocked
         trainer_defaults=TRAINER_DEFAULTS,
+        # parse errors raise (ArgumentError) instead of printing the usage: main() words them, naming the file
+        parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in LVMCLI.subcommands()}},
         args=args,
         run=run,
     )
@@ -125,19 +152,52 @@ def resolve_command(name: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
+def gather_lists(command: str, args: list[str]) -> list[str]:
+    """`--opt a b c` -> `--opt ["a", "b", "c"]` for the command's LIST_OPTIONS (values run to the next `--` flag)."""
+    out, i = [], 0
+    while i < len(args):
+        out.append(args[i])
+        if args[i] in LIST_OPTIONS.get(command, ()):
+            j = i + 1
+            while j < len(args) and not args[j].startswith("--"):
+                j += 1
+            out.append(json.dumps(args[i + 1 : j]))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def fail(err: Exception, args: list[str], command: Callable | None = None) -> None:
+    """The one place errors reach the user: a user's mistake is one `error:` line and exit code 2; anything else is
+    a bug and keeps its traceback (as does everything with `--debug` or `LVM_PL_DEBUG=1`)."""
+    message = None if os.environ.get("LVM_PL_DEBUG") == "1" else user_message(err, args, command)
+    if message is None:
+        raise err
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python main.py` and the `lvm` console script."""
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args.remove("--debug")
+        os.environ["LVM_PL_DEBUG"] = "1"
+    if argv is None:
+        sys.argv[1:] = args
+    command = resolve_command(args[0]) if args and args[0] in COMMANDS else None
     try:
-        if args and args[0] in COMMANDS:
-            from jsonargparse import auto_cli
+        with weights_only_loads():  # every file read is data: no torch.load below unpickles code
+            if command is not None:
+                from jsonargparse import auto_cli
 
-            auto_cli(resolve_command(args[0]), args=args[1:], as_positional=False)
-        else:
-            cli(argv)  # None: LightningCLI reads sys.argv itself
-    except (UserError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+                cmd_args = gather_lists(args[0], args[1:])
+                auto_cli(command, args=cmd_args, as_positional=False, exit_on_error=False)
+            else:
+                cli(None if argv is None else args)  # None: LightningCLI reads sys.argv (it warns when given both)
+    except Exception as err:  # noqa: BLE001 - sorted into the user's mistakes and bugs by fail()
+        fail(err, args, command)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Results go to bench/results/bench_tokens.json.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +25,12 @@ from torch.utils.data import DataLoader
 
 from bench.common import ROOT, vqgan_from_config, write_results
 from callbacks.token_writer import TokenWriter
+from datamodules.sentences import collate_sentences
 from datamodules.tokens import TokenDataModule
 from lvm_pl import shards
-from lvm_pl.console import say
+from lvm_pl.console import UserError, say
+from lvm_pl.safe_load import weights_only_loads
+from lvm_pl.stage_data import StageData
 from lvm_pl.tokens import TokenLayout
 
 
@@ -71,11 +75,13 @@ class RandomSentences(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         g = torch.Generator().manual_seed(i)
         images = torch.rand(1, 3, self.size, self.size, generator=g) * 2 - 1  # [N=1, 3, H, W]
-        return {"images": images, "num_images": 1, "kind": "bench", "index": i}
+        return {"images": images, "kind": "single", "index": i}
 
 
-class RandomSentenceData(LightningDataModule):
-    """Sentence-unit batches of `RandomSentences`, as `VisualSentenceDataModule(unit="sentence")` yields them."""
+class RandomSentenceData(LightningDataModule, StageData):
+    """`SentenceBatch`es of `RandomSentences`, as `VisualSentenceDataModule(unit="sentence")` yields them."""
+
+    layout, seq_len, predict_split = None, None, "train"
 
     def __init__(self, count: int, size: int, batch_size: int) -> None:
         super().__init__()
@@ -83,7 +89,8 @@ class RandomSentenceData(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         workers = 4 if torch.cuda.is_available() else 1  # on CPU, workers compete with encode for the same cores
-        return DataLoader(RandomSentences(self.count, self.image_size), batch_size=self.batch_size, num_workers=workers)
+        dataset = RandomSentences(self.count, self.image_size)
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers, collate_fn=collate_sentences)
 
 
 def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int, size: int = 256) -> dict:
@@ -149,6 +156,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="tokenize benchmark image side (pixels)")
     parser.add_argument("--images", type=int, default=None, help="tokenize benchmark images (64 quick, 2048 full)")
     args = parser.parse_args()
+    if args.vqgan:
+        from lvm_pl.vqgan import load_tokenizer
+
+        load_tokenizer(args.vqgan)  # a bad file fails here, not after minutes of timing
     results = {
         "loader": bench_loader(
             num_tokens=1 << 21 if args.quick else 1 << 26, workers=args.workers, min_seconds=1 if args.quick else 5
@@ -189,4 +200,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        with weights_only_loads():  # the predict pipeline's checkpoint read included
+            main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

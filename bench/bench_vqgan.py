@@ -1,6 +1,6 @@
 """VQGAN speed: encode (images -> code ids) and decode (ids -> images) images/s, ours vs diffusers' `VQModel`.
 
-python -m bench.bench_vqgan [--quick] [--config configs/vqgan/muse_f16_8192.yaml] [--image-size 256] [--batch-size 4]
+python -m bench.bench_vqgan [--quick] [--config configs/vqgan/recipe.yaml] [--image-size 256] [--batch-size 4]
 
 Both are the MUSE VQGAN architecture (f=16, 8192 codes; diffusers' amused `VQModel` config), timed side by side in
 one process with calls alternating. Encode is everything from pixels to ids (diffusers: encoder, quant_conv, nearest
@@ -59,7 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 px images, two repeats (CI smoke run)")
     parser.add_argument(
-        "--config", default="configs/vqgan/muse_f16_8192.yaml", help="our VQGAN's YAML (its model: section)"
+        "--config",
+        default="configs/vqgan/recipe.yaml",
+        help="our VQGAN YAML with a model: section (the recipe is the released architecture)",
     )
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)

@@ -1,7 +1,8 @@
 """Write the LVM's generated images: a PNG per generated frame and one grid per prompt, atomically.
 
 Layout under `output_dir`: `<name>.png` is the prompt's grid, one row per candidate: prompt | generated | truth (when
-known), sections separated by a blank cell; `<name>/c<candidate>_f<frame>.png` are the generated frames alone.
+known), sections separated by a blank cell; `<name>/c<candidate>_f<frame>.png` are the generated frames alone
+(and `<name>/tokens.json` their codebook ids, with `tokens: true`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lvm_pl import images as image_utils
-from lvm_pl.atomic import save_image
+from lvm_pl.atomic import save_image, write_json
 from lvm_pl.batches import Generated
 from lvm_pl.console import say
 from lvm_pl.tensorboard import tensorboard
@@ -24,14 +25,23 @@ from lvm_pl.tensorboard import tensorboard
 class ImageWriter(BasePredictionWriter):
     """Prediction writer for visual prompting: the LVM's `Generated` -> PNG files, optionally TensorBoard images.
 
-    `frames`: also write each generated frame alone. `tensorboard`: add each grid to the TensorBoard logger. The
-    progress bar shows generated tokens per second of generation time.
+    `frames`: also write each generated frame alone. `tensorboard`: add each grid to the TensorBoard logger.
+    `labels`: head the grid's sections with "prompt", "generated" and "truth". `tokens`: also write the generated
+    codebook ids as `<name>/tokens.json` ({"tokens": [candidate][frame][token]}). The progress bar shows generated
+    tokens per second of generation time.
     """
 
-    def __init__(self, output_dir: str = "generated", frames: bool = True, tensorboard: bool = False) -> None:
+    def __init__(
+        self,
+        output_dir: str = "generated",
+        frames: bool = True,
+        tensorboard: bool = False,
+        labels: bool = False,
+        tokens: bool = False,
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
-        self.frames, self.tensorboard = frames, tensorboard
+        self.frames, self.tensorboard, self.labels, self.tokens = frames, tensorboard, labels, tokens
         self.written = {"grids": 0, "frames": 0}
         self._tokens, self._seconds = 0, 0.0
         self._start = 0.0
@@ -69,7 +79,15 @@ class ImageWriter(BasePredictionWriter):
                     for f in range(n_frames):
                         save_image(self.output_dir / name / f"c{c}_f{f}.png", image_utils.to_pil(generated[b, c, f]))
                     self.written["frames"] += n_frames
+            if self.tokens:
+                ids = prediction.tokens[b, :, :n_frames].tolist()  # [n, F, tokens_per_image]
+                write_json(self.output_dir / name / "tokens.json", {"tokens": ids})
             picture = image_utils.grid(rows)
+            if self.labels:
+                headers = {0: "prompt", n_prompt + 1: "generated"} | (
+                    {n_prompt + n_frames + 2: "truth"} if n_truth else {}
+                )
+                picture = image_utils.with_headers(picture, headers, cell=generated.shape[-2])
             save_image(self.output_dir / f"{name}.png", image_utils.to_pil(picture))
             self.written["grids"] += 1
             if writer is not None:

@@ -19,6 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lvm_pl import shards
+from lvm_pl.atomic import pid_alive, storage_errors
 from lvm_pl.batches import TokenizedSentences
 from lvm_pl.console import UserError, say, warn
 from lvm_pl.stage_data import stage_data
@@ -33,6 +34,10 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
+        with storage_errors(self.path):  # a read-only or full output_dir is named here, before any work
+            self._acquire()
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid()}
         for _ in range(2):
@@ -40,7 +45,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 owner = self._owner()
-                if owner.get("host") == me["host"] and not _alive(owner.get("pid", -1)):
+                if owner.get("host") == me["host"] and not pid_alive(owner.get("pid", -1)):
                     warn(f"{self.path}: taking over the lock of dead process {owner.get('pid')}")
                     self.path.unlink(missing_ok=True)
                     continue
@@ -48,8 +53,12 @@ class RunLock:
                     f"{self.path}: another tokenize run (host {owner.get('host')}, pid {owner.get('pid')}) is writing"
                     " into this directory; wait for it, or delete the lock file if that run is gone"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError:
+                self.path.unlink(missing_ok=True)  # a full disk must not leave a lock that blocks the next run
+                raise
             self.held = True
             return
         raise UserError(f"{self.path}: could not take the lock; delete the file if no tokenize run is active")
@@ -64,16 +73,6 @@ class RunLock:
             return json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}  # half-written by a process that died between create and write
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 class TokenWriter(BasePredictionWriter):

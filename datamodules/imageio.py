@@ -1,4 +1,8 @@
-"""Robust image loading at the data edge: any PIL mode to uint8 RGB, bad files reported as `BadImage`."""
+"""Robust image loading at the data edge: any PIL mode to uint8 RGB, bad files reported as `BadImage`.
+
+An image over Pillow's pixel limit (`Image.MAX_IMAGE_PIXELS`, ~89 M pixels) is bad too: a few-KB file can declare
+gigapixels (a decompression bomb). Pillow itself only warns below twice the limit; here it is refused from the
+header, before any pixel is decoded."""
 
 from __future__ import annotations
 
@@ -14,11 +18,25 @@ class BadImage(Exception):
     """A file that is not a readable image (corrupt, truncated, empty, or another format)."""
 
 
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """`Image.open` (header only), refusing an image whose declared size is over Pillow's pixel limit."""
+    img = Image.open(path)  # over twice the limit Pillow raises DecompressionBombError itself
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        img.close()
+        raise Image.DecompressionBombError(
+            f"{img.width}x{img.height} = {img.width * img.height} pixels is over Pillow's limit of {limit}"
+            " (Image.MAX_IMAGE_PIXELS): a decompression bomb, or an image too large to use"
+        )
+    return img
+
+
 def check_image(path: str | os.PathLike) -> None:
-    """Decode `path` cheaply (JPEGs at 1/8 scale) to catch empty, truncated and non-image files; raise `BadImage`."""
+    """Decode `path` cheaply (JPEGs at 1/8 scale) to catch empty, truncated, non-image and over-limit files;
+    raise `BadImage`."""
     try:
         # no warnings.catch_warnings here: it is not thread-safe and setup checks files from a thread pool
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.draft("RGB", (1, 1))  # JPEG: decode the DCT at the smallest scale; still reads the whole stream
             img.load()
     except Exception as err:
@@ -44,10 +62,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
     """Load `path` as uint8 [H, W, 3]; with `min_side`, JPEGs may decode at a reduced scale keeping both sides >= it.
 
-    Raises `BadImage` when the file cannot be decoded.
+    Raises `BadImage` when the file cannot be decoded or is over Pillow's pixel limit.
     """
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if min_side is not None and img.format == "JPEG":
                 w, h = img.size
                 scale = min_side / min(w, h)

@@ -108,7 +108,7 @@ class PackedWindows(Dataset):
     """Map-style dataset of windows over a `TokenStream`; item i is a dict of [T] int64 tensors."""
 
     def __init__(self, stream: TokenStream, layout: TokenLayout, seq_len: int, starts: np.ndarray, lengths: np.ndarray):
-        self.stream, self.seq_len, self.pad_id = stream, seq_len, layout.eos_id
+        self.stream, self.seq_len, self.pad_id = stream, seq_len, layout.pad_id
         self.starts, self.lengths = starts, lengths
 
     def __len__(self) -> int:

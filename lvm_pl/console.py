@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-
 log = logging.getLogger("lvm_pl")
 
 
@@ -15,9 +13,13 @@ class UserError(Exception):
 
 def say(message: str) -> None:
     """Print a user-facing message once (rank zero only)."""
+    from lightning.pytorch.utilities import rank_zero_info  # here: light tools (lvm_pl.atomic) load without Lightning
+
     rank_zero_info(f"[lvm-pl] {message}")
 
 
 def warn(message: str) -> None:
     """Warn once (rank zero only), through Python's warnings so tests can catch it."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
     rank_zero_warn(f"[lvm-pl] {message}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def to_tensor(image: np.ndarray | Image.Image) -> torch.Tensor:
@@ -42,3 +42,16 @@ def grid(rows: list[list[np.ndarray | None]], pad: int = 2, background: int = 25
                 y, x = pad + i * (h + pad), pad + j * (w + pad)
                 out[y : y + h, x : x + w] = cell
     return out
+
+
+def with_headers(picture: np.ndarray, headers: dict[int, str], cell: int, pad: int = 2) -> np.ndarray:
+    """A `grid` picture with a white band on top holding `headers` {column: text} (PIL's default font), each text
+    starting above its column; `cell` is the grid's cell width."""
+    band = 14
+    out = np.full((picture.shape[0] + band, picture.shape[1], 3), 255, dtype=np.uint8)
+    out[band:] = picture
+    image = Image.fromarray(out, mode="RGB")
+    draw = ImageDraw.Draw(image)
+    for column, text in headers.items():
+        draw.text((pad + column * (cell + pad), 1), text, fill=(0, 0, 0))
+    return np.asarray(image)

@@ -12,7 +12,6 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from lvm_pl.batches import Sentence
-from lvm_pl.console import UserError
 from lvm_pl.tokens import TokenLayout
 
 
@@ -57,8 +56,8 @@ class StageData(Protocol):
         return type(self).__name__
 
     def skip_predict(self, indices: set[int]) -> None:
-        """Leave these sentences out of `predict` (a resumed tokenize run already wrote them)."""
-        raise UserError(f"{type(self).__name__} cannot resume a tokenize run (it has no numbered sentences)")
+        """Leave these sentences out of `predict` (a resumed tokenize run already wrote them). Data that cannot
+        skip gives them again and the token writer drops them: slower, never wrong."""
 
 
 def stage_data(trainer) -> StageData | None:

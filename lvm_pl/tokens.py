@@ -60,6 +60,11 @@ class TokenLayout:
         return self.codebook_size + 1
 
     @property
+    def pad_id(self) -> int:
+        """Filler of padded windows: EOS, or without BOS and EOS the first special id (the released LVM's 8192)."""
+        return self.eos_id if self.add_bos or self.add_eos else self.codebook_size
+
+    @property
     def vocab_size(self) -> int:
         return self.codebook_size + self.num_special
 

@@ -24,8 +24,9 @@ def natural_key(path: Path) -> list:
 class FolderSource(SentenceSource):
     """Sentences from image files on disk, split by a seeded hash of each sentence's name (stable as files are added).
 
-    Bad files (corrupt, truncated, empty, not images) are skipped with one warning counting them, or raise naming the
-    path when `strict`. `verify` decodes every file once at setup (JPEGs at 1/8 scale) to find bad ones early.
+    Bad files (corrupt, truncated, empty, not images, over Pillow's pixel limit) are skipped with one warning counting
+    them, or raise naming the path when `strict`. `verify` decodes every file once at setup (JPEGs at 1/8 scale) to
+    find bad ones early.
     """
 
     def __init__(
@@ -118,7 +119,7 @@ class FolderSource(SentenceSource):
         bad = [p for p, e in errors.items() if e is not None]
         if bad and self.strict:
             raise UserError(f"bad image (strict: true): {errors[bad[0]]}")
-        self._report(bad, "unreadable images (corrupt, truncated or empty)")
+        self._report(bad, "unreadable images (corrupt, truncated, empty or over Pillow's pixel limit)")
         bad_set = set(bad)
         return [{**it, "paths": [p for p in it["paths"] if p not in bad_set]} for it in items]
 

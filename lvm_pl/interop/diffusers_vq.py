@@ -1,23 +1,20 @@
 """diffusers interop: lvm-pl VQGAN checkpoints <-> diffusers `VQModel` directories.
 
 Our autoencoder names its parameters as `VQModel` does, except the codebook (`quantizer.embedding.weight` here,
-`quantize.embedding.weight` there), so both directions are a rename. Both sides take images in [-1, 1] (diffusers'
-VQ pipelines normalise with `VaeImageProcessor`, x * 2 - 1) and decode unclamped latents; our `decode` clamps to
-[-1, 1], as diffusers' post-processing does, so no value-range conversion is needed.
+`quantize.embedding.weight` there), so both directions are a rename. The pixel range is the tokenizer's own:
+amused's VQModel works in [0, 1] (its pipeline builds `VaeImageProcessor(do_normalize=False)`), ours in [-1, 1];
+the export records it in config.json as `lvm_input_range` and `import-vqgan` (lvm_pl/interop/vqgan_import.py) reads
+it back, defaulting to [0, 1] for a released directory.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning
 import torch
-from lightning.pytorch.cli import instantiate_module
 
-from lvm_pl.atomic import atomic_dir, torch_save
+from lvm_pl.atomic import atomic_dir
 from lvm_pl.console import UserError, say
 from lvm_pl.vqgan import load_tokenizer
 from lvm_pl.vqgan.autoencoder import Autoencoder
@@ -113,20 +110,12 @@ def export_diffusers(checkpoint: str, out_dir: str) -> None:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out_dir={out_dir}: exists and is not empty; choose a new directory")
-    ref = to_diffusers(load_tokenizer(checkpoint))
+    model = load_tokenizer(checkpoint)
+    ref = to_diffusers(model)
+    ref.register_to_config(lvm_input_range=list(model.input_range))  # import-vqgan reads the range back
     with atomic_dir(out) as tmp:
         ref.save_pretrained(tmp, safe_serialization=True)
     say(f"exported {checkpoint} -> {out_dir} ({sum(p.numel() for p in ref.parameters()):,} parameters)")
-
-
-def _read_diffusers_config(path: Path) -> dict[str, Any]:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"diffusers_dir={path}: no config.json; expected a diffusers VQModel directory")
-    cfg = json.loads(config_file.read_text())
-    if cfg.get("_class_name", "VQModel") != "VQModel":
-        raise UserError(f"{config_file}: _class_name={cfg['_class_name']!r}, expected 'VQModel'")
-    return cfg
 
 
 def autoencoder_args_from_diffusers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -187,60 +176,3 @@ def autoencoder_args_from_diffusers(cfg: dict[str, Any], where: str) -> dict[str
         "in_channels": 3,
         "out_channels": 3,
     }
-
-
-def import_diffusers(diffusers_dir: str, out: str) -> None:
-    """Convert a diffusers VQModel directory into an lvm-pl VQGAN checkpoint (`load_tokenizer`- and `--ckpt_path`-able).
-
-    The checkpoint's loss is a default VQGANLoss (PatchGAN discriminator, freshly initialised; no perceptual term):
-    a fine-tuning run sets its own loss in the config.
-    """
-    from diffusers import VQModel
-
-    path = Path(diffusers_dir)
-    cfg = _read_diffusers_config(path)
-    ae_args = autoencoder_args_from_diffusers(cfg, str(path / "config.json"))
-    codebook_size = ae_args.pop("codebook_size")
-    # `from_pretrained` on a local directory reads it only (no download) and renames legacy attention keys
-    try:
-        weights = VQModel.from_pretrained(str(path)).state_dict()
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(
-            f"diffusers_dir={diffusers_dir}: cannot load its weights ({str(err).splitlines()[0]})"
-        ) from None
-    hparams = {
-        "_class_path": _class_path(VQGAN),
-        # what LightningCLI stores, so `load_from_checkpoint` instantiates the class_path dicts below
-        "_instantiator": "lightning.pytorch.cli.instantiate_module",
-        "autoencoder": {"class_path": _class_path(Autoencoder), "init_args": ae_args},
-        "quantizer": {
-            "class_path": _class_path(VectorQuantizer),
-            # diffusers' VQModel quantizes with beta 0.25; its codes are trained, so no data init
-            "init_args": {"codebook_size": codebook_size, "embed_dim": ae_args["embed_dim"], "beta": 0.25},
-        },
-        "loss": {
-            "class_path": "lvm_pl.vqgan.losses.VQGANLoss",
-            "init_args": {
-                "discriminator": {"class_path": "lvm_pl.vqgan.discriminators.PatchGAN", "init_args": {}},
-                "perceptual": None,
-            },
-        },
-    }
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        torch.manual_seed(0)  # the fresh discriminator: the same import gives the same file
-        # outside LightningCLI save_hyperparameters sees the built parts; the checkpoint gets `hparams` instead
-        warnings.filterwarnings("ignore", message=r"Attribute '.*' is an instance of `nn.Module`")
-        model = instantiate_module(VQGAN, {k: v for k, v in hparams.items() if k != "_instantiator"})
-    codebook = weights.pop(DIFFUSERS_CODEBOOK)
-    try:
-        model.autoencoder.load_state_dict(weights)
-        model.quantizer.embedding.weight.data.copy_(codebook)
-    except RuntimeError as err:
-        raise UserError(f"{diffusers_dir}: weights do not fit its config.json ({str(err).splitlines()[1]})") from None
-    checkpoint = {
-        "state_dict": model.state_dict(),
-        VQGAN.CHECKPOINT_HYPER_PARAMS_KEY: hparams,
-        "pytorch-lightning_version": lightning.__version__,
-    }
-    torch_save(out, checkpoint)
-    say(f"imported {diffusers_dir} -> {out} ({codebook_size} codes, f={2 ** (len(ae_args['block_out_channels']) - 1)})")

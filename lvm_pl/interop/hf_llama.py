@@ -15,7 +15,9 @@ import lightning
 import torch
 
 from lvm_pl.atomic import atomic_dir, torch_save
+from lvm_pl.checkpoint_io import check_stage
 from lvm_pl.console import UserError, say
+from lvm_pl.interop.weights import iter_weights, weight_files
 from lvm_pl.lvm.config import PRESETS, LVMConfig
 from lvm_pl.lvm.module import LVM
 from lvm_pl.tokens import TokenLayout
@@ -71,12 +73,9 @@ def export_hf(checkpoint: str, out_dir: str, dtype: str = "float32") -> None:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"out_dir={out_dir}: exists and is not empty; choose a new directory")
-    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise UserError(f"dtype={dtype!r}: not a torch dtype (float32, bfloat16, float16)")
+    cast = _torch_dtype(dtype)
     module = _load_lvm(checkpoint)
-    state = {
-        to_hf_name(k): v.detach().to(getattr(torch, dtype)).contiguous() for k, v in module.model.state_dict().items()
-    }
+    state = {to_hf_name(k): v.detach().to(cast).contiguous() for k, v in module.model.state_dict().items()}
     config = hf_config(module.config, module.layout)
     config.torch_dtype = dtype
     with atomic_dir(out) as tmp:
@@ -90,27 +89,40 @@ def import_hf(
     out: str,
     codebook_size: int | None = None,
     tokens_per_image: int | None = None,
+    add_bos: bool = False,
+    add_eos: bool = False,
+    dtype: str | None = None,
 ) -> None:
     """Convert a transformers LlamaForCausalLM directory into an lvm-pl checkpoint (`LVM.load_from_checkpoint`-able).
 
-    The token layout comes from config.json's `lvm_layout` (our exports); otherwise give `codebook_size` and
-    `tokens_per_image` (the released LVM: 8192 and 256), the rest of the vocabulary being special ids.
+    Weights: `model.safetensors`, `pytorch_model.bin` or their shards (`*.index.json`), read one shard at a time and
+    kept in their dtype unless `dtype` (float32, bfloat16, float16) says otherwise. The token layout comes from
+    config.json's `lvm_layout` (our exports); otherwise give `codebook_size` and `tokens_per_image` (the released LVM:
+    8192 and 256), the rest of the vocabulary being special ids, and `add_bos`/`add_eos` (the released LVM has
+    neither; its config.json's bos/eos ids 1/2 are LLaMA's, unused).
     """
     path = Path(hf_dir)
     cfg = _read_hf_config(path)
-    layout = _hf_layout(cfg, hf_dir, codebook_size, tokens_per_image)
+    layout = _hf_layout(cfg, hf_dir, codebook_size, tokens_per_image, add_bos, add_eos)
     config = _lvm_config(cfg, hf_dir)
-    weights = {from_hf_name(k): v for k, v in _read_hf_weights(path).items()}
+    cast = _torch_dtype(dtype) if dtype is not None else None
     with torch.device("meta"):
         expected = {k: v.shape for k, v in _model_state_shapes(config).items()}
-    if set(weights) != set(expected):
-        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        raise UserError(
-            f"{hf_dir}: weights do not fit a Llama of this config (missing {missing[:3]}, extra {extra[:3]})"
-        )
-    for k, shape in expected.items():
-        if weights[k].shape != shape:
-            raise UserError(f"{hf_dir}: {to_hf_name(k)} has shape {tuple(weights[k].shape)}, expected {tuple(shape)}")
+    weights: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_weights(weight_files(path, ("model", "pytorch_model"))):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer transformers 4.x saved; the decoder computes it from rope_base
+        key = from_hf_name(name)
+        if key not in expected:
+            raise UserError(f"{hf_dir}: weight {name} does not fit a Llama of this config.json")
+        if tensor.shape != expected[key]:
+            raise UserError(
+                f"{hf_dir}: {name} has shape {tuple(tensor.shape)}, config.json gives {tuple(expected[key])}"
+            )
+        weights[key] = tensor if cast is None else tensor.to(cast)
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise UserError(f"{hf_dir}: weights lack {to_hf_name(missing[0])} (and {len(missing) - 1} more)")
     preset = _matching_preset(config)
     overrides = {f: getattr(config, f) for f in SHAPE_FIELDS} | {"rope_base": config.rope_base}
     # `_class_path` as LightningCLI writes it: `--ckpt_path` then applies these hyper-parameters to the model config
@@ -121,18 +133,29 @@ def import_hf(
         "layout": layout.to_dict(),
     }
     checkpoint = {
-        "state_dict": {f"model.{k}": v.float() for k, v in weights.items()},
+        "state_dict": {f"model.{k}": v for k, v in weights.items()},
         LVM.CHECKPOINT_HYPER_PARAMS_KEY: hparams,
         "pytorch-lightning_version": lightning.__version__,
     }
     torch_save(out, checkpoint)
-    say(f"imported {hf_dir} -> {out} (preset {preset}, vocabulary {layout.vocab_size})")
+    kept = next(iter(weights.values())).dtype
+    say(
+        f"imported {hf_dir} -> {out} (preset {preset}, {kept}, vocabulary {layout.vocab_size}: {layout.codebook_size}"
+        f" codes, {layout.tokens_per_image} per image, BOS {'yes' if layout.add_bos else 'no'})"
+    )
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype={name!r}: not one of float32, bfloat16, float16")
+    return getattr(torch, name)
 
 
 def _load_lvm(checkpoint: str) -> LVM:
     if not Path(checkpoint).is_file():
         raise UserError(f"checkpoint={checkpoint}: no such file")
-    module = LVM.load_from_checkpoint(checkpoint, map_location="cpu")
+    check_stage(checkpoint, f"{LVM.__module__}.{LVM.__qualname__}", "export-hf", key="checkpoint")
+    module = LVM.load_from_checkpoint(checkpoint, map_location="cpu")  # weights-only, a bad file named
     return module.eval()
 
 
@@ -159,7 +182,9 @@ def _read_hf_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _hf_layout(cfg: dict, hf_dir: str, codebook_size: int | None, tokens_per_image: int | None) -> TokenLayout:
+def _hf_layout(
+    cfg: dict, hf_dir: str, codebook_size: int | None, tokens_per_image: int | None, add_bos: bool, add_eos: bool
+) -> TokenLayout:
     if "lvm_layout" in cfg and codebook_size is None and tokens_per_image is None:
         layout = TokenLayout.from_dict(cfg["lvm_layout"])
     elif codebook_size is None or tokens_per_image is None:
@@ -169,7 +194,7 @@ def _hf_layout(cfg: dict, hf_dir: str, codebook_size: int | None, tokens_per_ima
         )
     else:
         num_special = cfg["vocab_size"] - codebook_size
-        layout = TokenLayout(codebook_size=codebook_size, tokens_per_image=tokens_per_image, num_special=num_special)
+        layout = TokenLayout(codebook_size, tokens_per_image, num_special, add_bos=add_bos, add_eos=add_eos)
     layout.check_compatible(cfg["vocab_size"], f"{hf_dir}/config.json vocab_size")
     return layout
 
@@ -191,19 +216,6 @@ def _lvm_config(cfg: dict, hf_dir: str) -> LVMConfig:
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
     )
-
-
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
-    from safetensors.torch import load_file
-
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(str(path / f)).items()}
-    raise UserError(f"hf_dir={path}: no model.safetensors or model.safetensors.index.json")
 
 
 def _model_state_shapes(config: LVMConfig) -> dict[str, torch.Tensor]:

@@ -13,8 +13,11 @@ import contextlib
 import io
 from pathlib import Path
 
+import torch
+
 from lvm_pl.atomic import atomic_path
 from lvm_pl.console import UserError, say
+from lvm_pl.safe_load import deepspeed_state_types, load_torch_file, weights_only_loads
 
 
 def _tag_dir(directory: Path) -> Path:
@@ -43,19 +46,25 @@ def convert_zero(checkpoint_dir: str, out: str) -> None:
     tag = _tag_dir(directory)
     if Path(out).resolve().is_relative_to(directory.resolve()):
         raise UserError(f"out={out}: inside checkpoint_dir={checkpoint_dir}; write the converted file elsewhere")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
     try:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+        allowed = torch.serialization.safe_globals(deepspeed_state_types())
     except ModuleNotFoundError as err:
         raise UserError(f"convert-zero needs DeepSpeed installed ({err})") from None
-
-    # the utility (and DeepSpeed's reader under it) prints progress; lvm-pl speaks through say()
-    with atomic_path(out) as tmp, contextlib.redirect_stdout(io.StringIO()):
-        try:
-            checkpoint = convert_zero_checkpoint_to_fp32_state_dict(directory, tmp)
-        except (ValueError, FileNotFoundError, KeyError) as err:
-            raise UserError(
-                f"checkpoint_dir={checkpoint_dir}: unreadable ZeRO checkpoint in {tag.name}/ ({err})"
-            ) from None
+    # DeepSpeed's reader unpickles with weights_only=False: here it is forced to weights-only, with DeepSpeed's plain
+    # data classes allowed; each file is looked at first (mapped, so cheap) to name the one that holds anything else
+    with allowed, weights_only_loads():
+        for file in sorted(tag.glob("*.pt")):
+            load_torch_file(file, mmap=True)
+        # the utility (and DeepSpeed's reader under it) prints progress; lvm-pl speaks through say()
+        with atomic_path(out) as tmp, contextlib.redirect_stdout(io.StringIO()):
+            try:
+                checkpoint = convert_zero_checkpoint_to_fp32_state_dict(directory, tmp)
+            except (ValueError, FileNotFoundError, KeyError) as err:
+                raise UserError(
+                    f"checkpoint_dir={checkpoint_dir}: unreadable ZeRO checkpoint in {tag.name}/ ({err})"
+                ) from None
     tensors = checkpoint["state_dict"]
     numel = sum(t.numel() for t in tensors.values())
     say(f"wrote {out}: {len(tensors)} fp32 tensors, {numel:,} values, step {checkpoint.get('global_step')}")

@@ -96,7 +96,8 @@ def _ensure_cache(model: LLaMA, batch_size: int, length: int) -> None:
 
 def _crop_prompt(prompt: torch.Tensor, window: int) -> torch.Tensor:
     if prompt.shape[1] > window:
-        warn(f"generation: prompt of {prompt.shape[1]} images keeps its last {window} (the context window)")
+        n = prompt.shape[1]
+        warn(f"generation: prompt of {n} images drops the earliest {n - window}, keeps its last {window} (the context)")
         return prompt[:, -window:]
     return prompt
 

@@ -6,9 +6,12 @@ same rotate-half layout on the full head, so converting weights either way is a 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from lvm_pl.lvm.config import LVMConfig
@@ -70,6 +73,27 @@ class LLaMA(nn.Module):
         cos, sin = self._rope
         return (cos[:pos], sin[:pos]) if isinstance(pos, int) else (cos[pos], sin[pos])
 
+    def _cache_mask(self, input_pos: torch.Tensor) -> torch.Tensor | None:
+        """None for one eager decode token (it attends over the filled prefix, unmasked); else [T, S] additive:
+        a query at position p sees cached positions <= p (static shapes, for prefill and compiled steps)."""
+        if len(input_pos) == 1 and not torch.compiler.is_compiling():
+            return None
+        cache_len = self.layers[0].self_attn.kv_cache.k.shape[2]
+        allowed = torch.arange(cache_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+        return additive(allowed, self._compute_dtype())
+
+    def _compute_dtype(self) -> torch.dtype:
+        device_type = self.embed_tokens.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.embed_tokens.weight.dtype
+
+    def _mask_kind(self, idx: torch.Tensor) -> str:
+        """`flex` or `dense`: doc_mask true picks flex attention on CUDA (CPU flex has no backward), dense elsewhere."""
+        if self.config.doc_mask is True:
+            return "flex" if idx.is_cuda else "dense"
+        return self.config.doc_mask
+
     @property
     def has_kv_cache(self) -> bool:
         return self.layers[0].self_attn.kv_cache is not None
@@ -85,19 +109,15 @@ class LLaMA(nn.Module):
                 raise ValueError("forward with input_pos needs a KV cache: call setup_kv_cache first")
             if doc_ids is not None:
                 raise ValueError("doc_ids are for packed training windows, not for cached generation")
-            cache_len = self.layers[0].self_attn.kv_cache.k.shape[2]
-            # [T, S] boolean: query at position p sees cached positions <= p
-            mask = torch.arange(cache_len, device=idx.device)[None, :] <= input_pos[:, None]
             cos, sin = self.rope(input_pos)
+            mask = self._cache_mask(input_pos)
         else:
             if seq_len > self.config.block_size:
                 raise ValueError(f"sequence of {seq_len} tokens exceeds block_size={self.config.block_size}")
             cos, sin = self.rope(seq_len)
             mask = None
-            if doc_ids is not None:
-                causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=idx.device).tril()
-                same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
-                mask = (causal & same_doc)[:, None]  # [B, 1, T, T], broadcast over heads
+            if doc_ids is not None and self.config.doc_mask:  # built once per forward, shared by every layer
+                mask = document_mask(doc_ids, self._mask_kind(idx), self._compute_dtype())
         x = self.embed_tokens(idx)  # [B, T, C]
         for block in self.layers:
             if self.activation_checkpointing and self.training:
@@ -122,7 +142,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         input_pos: torch.Tensor | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
@@ -147,7 +167,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         input_pos: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -157,14 +177,19 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)  # [B, ng, S, hs]: everything cached so far
+            if mask is None:  # one eager decode token: the filled prefix only, every position of it visible
+                k, v = k[:, :, : int(input_pos[-1]) + 1], v[:, :, : int(input_pos[-1]) + 1]
+        if isinstance(mask, BlockMask):
+            y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_query_groups != self.n_head)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
         if self.n_query_groups != self.n_head:
             # each key/value head serves n_head // n_query_groups consecutive query heads
             rep = self.n_head // self.n_query_groups
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash/efficient kernels on GPU
-        else:
+        if mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # training without document masks (flash kernels on GPU), or one decode token over its prefix
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=input_pos is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
 
 
@@ -224,3 +249,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as SDPA's additive float mask (0 where allowed, -inf elsewhere), converted once per forward
+    instead of by SDPA in every layer."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def document_mask(doc_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor | BlockMask:
+    """Causal attention within each document packed into a window, doc_ids [B, T]: flex attention's `BlockMask`
+    (fully masked blocks are skipped) or SDPA's additive [B, 1, T, T] mask (`dense`)."""
+    B, T = doc_ids.shape
+    if kind == "flex":
+
+        def same_document(b, h, q, kv):
+            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+        return create_block_mask(same_document, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    allowed = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, T, T]
+    return additive(allowed[:, None], dtype)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention through torch.compile (its fused kernel; eager flex attention is a slow reference)."""
+    return torch.compile(flex_attention, dynamic=False)

@@ -27,6 +27,8 @@ from lvm_pl.lvm.evaluation.metrics import batch_sentences, sentence_frames
 from lvm_pl.lvm.generation import GenerationSettings, predict_batch
 from lvm_pl.lvm.model import LLaMA, RMSNorm
 from lvm_pl.lvm.settings import EvalSettings, OptimSettings, settings
+from lvm_pl.optim import adamw, warmup_cosine_schedule
+from lvm_pl.safe_load import load_torch_file
 from lvm_pl.stage_data import stage_data
 from lvm_pl.tensorboard import tensorboard
 from lvm_pl.tokens import TokenLayout, resolve_layout
@@ -106,12 +108,12 @@ class LVM(LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs: Any) -> LVM:
         """Lightning's loading, with a flat-argument LVM's hyper-parameters migrated to today's arguments."""
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        saved = load_torch_file(checkpoint_path, mmap=True)  # weights-only; a code-carrying file is refused by name
         hparams = saved.get(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
         if hparams.keys() & RENAMED.keys():
             kwargs = {**migrate_hparams(hparams), **kwargs}
             kwargs.pop("_class_path", None), kwargs.pop("_instantiator", None)
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, weights_only=True, **kwargs)
 
     @property
     def layout(self) -> TokenLayout | None:
@@ -170,11 +172,7 @@ class LVM(LightningModule):
                 block.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
 
     def _init_checkpoint(self) -> dict:
-        path = self.hparams.init_from
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except FileNotFoundError:
-            raise UserError(f"model.init_from={path}: no such file") from None
+        return load_torch_file(self.hparams.init_from, f"model.init_from={self.hparams.init_from}", mmap=True)
 
     def _load_init_weights(self) -> None:
         state = self._init_checkpoint()["state_dict"]
@@ -210,7 +208,7 @@ class LVM(LightningModule):
         kept = [min(int(counts[b]), fit) for b in range(B)]
         rows = [self._layout.sentence(codes[b, int(counts[b]) - kept[b] : int(counts[b])]) for b in range(B)]
         length = max(len(r) for r in rows) - 1
-        input_ids = torch.full((B, length), self._layout.eos_id, dtype=torch.long, device=images.device)
+        input_ids = torch.full((B, length), self._layout.pad_id, dtype=torch.long, device=images.device)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for b, r in enumerate(rows):
             input_ids[b, : len(r) - 1], labels[b, : len(r) - 1] = r[:-1], r[1:]
@@ -387,18 +385,8 @@ class LVM(LightningModule):
                 excluded = isinstance(module, (RMSNorm, torch.nn.Embedding)) or name == "bias"
                 (no_decay if opt.exclude_from_decay and excluded else decay).append(p)
         groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=opt.lr, betas=opt.betas)
+        optimizer = adamw(groups, self.trainer.strategy, lr=opt.lr, betas=tuple(opt.betas))
         total = opt.decay_steps or int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, opt.warmup_steps, total, opt.min_lr / opt.lr)
-        )
+        schedule = warmup_cosine_schedule(optimizer, opt.warmup_steps, total, opt.min_lr / opt.lr)
         say(f"LVM {self.config.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, {total} steps")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """lr multiplier: linear 0 -> 1 over `warmup` steps, cosine 1 -> `floor` until `total`, then `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

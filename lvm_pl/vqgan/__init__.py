@@ -1,4 +1,4 @@
-"""The VQGAN tokenizer stage: images [-1, 1] <-> token grids."""
+"""The VQGAN tokenizer stage: images [-1, 1] <-> token grids (each tokenizer maps them to its own pixel range)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lvm_pl.console import UserError
+from lvm_pl.safe_load import load_torch_file
 
 
 def load_tokenizer(path: str | Path) -> torch.nn.Module:
@@ -16,13 +17,10 @@ def load_tokenizer(path: str | Path) -> torch.nn.Module:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"tokenizer checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"tokenizer checkpoint {path} cannot be read ({err.__class__.__name__})") from None
+    ckpt = load_torch_file(path, f"tokenizer checkpoint {path}", mmap=True)  # mapped: a cheap look before the load
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "autoencoder" not in hparams or "quantizer" not in hparams:
         raise UserError(f"{path} is not a VQGAN checkpoint (no autoencoder/quantizer hyperparameters)")
-    model = VQGAN.load_from_checkpoint(path, map_location="cpu")
+    model = VQGAN.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     model.requires_grad_(False)
     return model.eval()

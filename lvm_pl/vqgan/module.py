@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from lvm_pl.console import UserError, say
 from lvm_pl.finite import NonFinitePolicy, check_finite
 from lvm_pl.images import grid, to_uint8
 from lvm_pl.metrics import frechet_inception_distance, inception_weights, psnr, ssim
+from lvm_pl.optim import adamw, warmup_cosine_schedule
 from lvm_pl.tensorboard import tensorboard
 from lvm_pl.vqgan.autoencoder import Autoencoder
 from lvm_pl.vqgan.losses import VQGANLoss
@@ -25,7 +25,12 @@ from lvm_pl.vqgan.quantizers import Quantizer
 
 
 class VQGAN(LightningModule):
-    """Autoencoder + quantizer + loss. Images are [B, 3, H, W] in [-1, 1]; tokens are LongTensor [B, H/f, W/f]."""
+    """Autoencoder + quantizer + loss. Images are [B, 3, H, W] in [-1, 1]; tokens are LongTensor [B, H/f, W/f].
+
+    `input_range` is the pixel range the autoencoder itself works in: [-1, 1] for ours, [0, 1] for the released
+    open-muse/amused tokenizer. Images are mapped into it before encoding and decodes are clamped to it and mapped
+    back, inside this module, so callers always see [-1, 1].
+    """
 
     def __init__(
         self,
@@ -44,6 +49,7 @@ class VQGAN(LightningModule):
         num_logged_images: int = 8,
         non_finite: NonFinitePolicy = "stop",
         fid_weights: str | None = None,
+        input_range: tuple[float, float] = (-1.0, 1.0),
     ):
         """`disc_lr`/`disc_betas` default to the autoencoder's; `ema_decay` keeps an EMA copy of the autoencoder
         that validation, test, predict and export use. `non_finite`: a NaN/Inf loss term stops the run naming the
@@ -52,6 +58,9 @@ class VQGAN(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["fid_weights"])  # a run-time input: the test command decides
         self.fid_weights = fid_weights
+        if not input_range[0] < input_range[1]:
+            raise UserError(f"model.input_range={list(input_range)}: needs low < high, e.g. [-1, 1] or [0, 1]")
+        self.input_range = (float(input_range[0]), float(input_range[1]))
         self._fid: torch.nn.Module | None = None
         self._fid_note = ""
         if autoencoder.embed_dim != quantizer.embed_dim:
@@ -79,25 +88,35 @@ class VQGAN(LightningModule):
     def _eval_autoencoder(self) -> Autoencoder:
         return self.ema if self.ema is not None and not self.training else self.autoencoder
 
+    def _to_input_range(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the autoencoder's `input_range` (identity for [-1, 1])."""
+        low, high = self.input_range
+        return images if (low, high) == (-1.0, 1.0) else low + (images + 1) * ((high - low) / 2)
+
+    def _from_input_range(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The autoencoder's output in `input_range` -> images in [-1, 1] (not clamped: training needs gradients)."""
+        low, high = self.input_range
+        return pixels if (low, high) == (-1.0, 1.0) else (pixels - low) * (2 / (high - low)) - 1
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> LongTensor [B, H/f, W/f]."""
-        return self.quantizer(self._eval_autoencoder().encode(images)).indices
+        return self.quantizer(self._eval_autoencoder().encode(self._to_input_range(images))).indices
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """LongTensor [B, h, w] -> images [B, 3, h*f, w*f] in [-1, 1]."""
+        """LongTensor [B, h, w] -> images [B, 3, h*f, w*f] in [-1, 1] (clamped to `input_range` first)."""
         ae = self._eval_autoencoder()
         quantized = self.quantizer.embed(indices).to(ae.post_quant_conv.weight.dtype)
-        return ae.decode(quantized).clamp(-1, 1)
+        return self._from_input_range(ae.decode(quantized).clamp(*self.input_range)).clamp(-1, 1)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """images -> decode(encode(images))."""
         return self.decode(self.encode(images))
 
     def _forward(self, images: torch.Tensor, ae: Autoencoder):
-        out = self.quantizer(ae.encode(images))
-        return ae.decode(out.quantized), out
+        out = self.quantizer(ae.encode(self._to_input_range(images)))
+        return self._from_input_range(ae.decode(out.quantized)), out
 
     def training_step(self, batch: ImageBatch, batch_idx: int) -> torch.Tensor | None:
         images = batch.images
@@ -243,7 +262,8 @@ class VQGAN(LightningModule):
         writer.add_image(tag, grid(rows), self.global_step, dataformats="HWC")
 
     def configure_optimizers(self):
-        """AdamW with two groups (autoencoder + quantizer, discriminator); warmup then cosine to min_lr_ratio."""
+        """AdamW following the strategy (`lvm_pl.optim.adamw`) with two groups (autoencoder + quantizer,
+        discriminator); warmup then cosine to min_lr_ratio."""
         hp = self.hparams
         ae_params = [p for m in (self.autoencoder, self.quantizer) for p in m.parameters() if p.requires_grad]
         groups = [
@@ -254,14 +274,7 @@ class VQGAN(LightningModule):
                 "betas": tuple(hp.disc_betas or hp.betas),
             },
         ]
-        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        optimizer = adamw(groups, self.trainer.strategy, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine_schedule(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -24,6 +24,17 @@ LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
 STEPS, EVERY = 12, 3  # 12 steps, a checkpoint every 3; 5 batches an epoch, so the run crosses two epoch ends
 
 
+# a checkpoint save killed half-way: the temp file is written, then SIGKILL before the rename
+KILLED_SAVE = """
+import os, signal, torch
+from lvm_pl.atomic import atomic_path
+
+with atomic_path({path!r}) as tmp, open(tmp, "wb") as f:
+    torch.save({{"weights": torch.zeros(1000)}}, f)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
 class StepPacer(Callback):
     """Test helper: after each step, write the step to `path` and sleep, so the test can kill the run at a step."""
 
@@ -119,7 +130,7 @@ def _last(repo_root: Path, stage: str, run_dir: Path) -> Path:
 
 
 def _training_state(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights-only: a full checkpoint is plain data
     loop = ckpt["loops"]["fit_loop"]
     return {
         "global_step": ckpt["global_step"],
@@ -185,8 +196,12 @@ def test_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root, st
     proc.wait()
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    saved = torch.load(_last(repo_root, stage, run_dir), map_location="cpu", weights_only=False)
+    saved = torch.load(_last(repo_root, stage, run_dir), map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2 * EVERY
+    # and a save killed half-way (SIGKILL skips the temp file's cleanup): the resumed run must remove its leftover
+    checkpoints = _last(repo_root, stage, run_dir).parent
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE.format(path=str(checkpoints / "last.ckpt"))], env=env)
+    assert killed.returncode == -signal.SIGKILL and len(list(checkpoints.glob(".last.ckpt.tmp-*"))) == 1
 
     unpaced = _override(repo_root, stage, run_dir, tmp_path / "data", 0.0)
     resumed = subprocess.run(
@@ -199,6 +214,8 @@ def test_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root, st
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint" in resumed.stderr, resumed.stderr
+    assert not list(checkpoints.glob(".*.tmp-*")), "a killed save's temp file survived the resume"
+    assert "removed 1 temp files left by killed writers" in resumed.stderr
 
     expected, got = _training_state(_last(repo_root, stage, ref_dir)), _training_state(_last(repo_root, stage, run_dir))
     assert expected["global_step"] == STEPS

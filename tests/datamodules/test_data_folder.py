@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from datamodules import FolderSource, VisualSentenceDataModule
-from datamodules.imageio import fit_image, load_rgb
+from datamodules.imageio import BadImage, fit_image, load_rgb
 from lvm_pl.console import UserError
 
 
@@ -40,6 +42,50 @@ def add_bad_files(root):
     (root / "clip" / "3_truncated.jpg").write_bytes(data[: len(data) // 2])
     png = root / "seq" / "f1.png"
     (root / "seq" / "f99_truncated.png").write_bytes(png.read_bytes()[:60])
+
+
+def png_bomb(path, width: int, height: int) -> None:
+    """A valid 1-bit greyscale PNG of all-black `width` x `height` pixels: a few KB on disk per 100 M pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)  # filter byte 0, then packed bits
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory):
+    """Two real bombs beside a good image: over twice Pillow's limit (its own error) and just over it (only a
+    warning from Pillow, which would then decode ~100 M pixels)."""
+    where = tmp_path_factory.mktemp("bombs")
+    png_bomb(where / "huge.png", 20_000, 20_000)
+    png_bomb(where / "large.png", 10_000, 10_000)
+    assert max(p.stat().st_size for p in where.iterdir()) < 100_000
+    with Image.open(where / "large.png") as img:  # the file is what it says: a decodable 10000 x 10000 image
+        assert img.size == (10_000, 10_000) and img.mode == "1"
+    return where
+
+
+def test_an_image_over_the_pixel_limit_is_bad_before_decoding(bombs):
+    for name in ("huge.png", "large.png"):
+        with pytest.raises(BadImage, match=rf"{name}: DecompressionBombError: .*(exceeds limit|over Pillow's limit)"):
+            load_rgb(bombs / name)
+
+
+def test_bombs_are_skipped_and_counted_like_unreadable_images(tree, bombs):
+    for name in ("huge.png", "large.png"):
+        (tree / "seq" / name).write_bytes((bombs / name).read_bytes())
+    with pytest.warns(UserWarning) as record:
+        dm = dm_for(tree)
+        dm.setup()
+    assert "skipped 2 unreadable images" in " ".join(str(w.message) for w in record)
+    assert sorted(dm.source.num_images("train", i) for i in range(dm.split_size("train"))) == [1, 3, 3]
+    (tree / "seq" / "huge.png").unlink()
+    with pytest.raises(UserError, match=r"bad image \(strict: true\): .*large.png: DecompressionBombError"):
+        dm_for(tree, strict=True).setup()
 
 
 def dm_for(root, **kw) -> VisualSentenceDataModule:

@@ -18,7 +18,9 @@ WRITES = re.compile(
 
 # (file, stripped line): why it is atomic or not an output
 REVIEWED = {
-    ("lvm_pl/checkpoint_io.py", "torch.save(checkpoint, tmp)"): "inside atomic_path",
+    ("lvm_pl/checkpoint_io.py", 'with atomic_path(path) as tmp, open(tmp, "wb") as f:'): "the temporary path of "
+    "atomic_path",
+    ("lvm_pl/checkpoint_io.py", "torch.save(checkpoint, f)"): "into that file",
     (
         "lvm_pl/shards.py",
         'with atomic_path(directory / f"{name}.idx.npz") as tmp, open(tmp, "wb") as f:',

@@ -40,3 +40,25 @@ def test_bad_values_are_user_errors():
 def test_dict_roundtrip():
     layout = TokenLayout(codebook_size=1024, tokens_per_image=64, num_special=8)
     assert TokenLayout.from_dict(layout.to_dict()) == layout
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_frames_that_fit_the_released_context(add_bos):
+    """4096 positions of 256-token frames: 16 frames (15 prompt + the generated one, its last token never fed);
+    BOS + 15 * 256 + 255 = 4096. With EOS to predict, a training sentence holds one frame fewer."""
+    layout = TokenLayout(codebook_size=8192, tokens_per_image=256, add_bos=add_bos, add_eos=add_bos)
+    assert layout.frames_that_fit(4096) == 16
+    assert layout.frames_that_fit(4096, with_eos=True) == (15 if add_bos else 16)
+    assert layout.frames_that_fit(4095) == (15 if add_bos else 16)
+
+
+def test_frames_that_fit_the_demo_context():
+    layout = TokenLayout(codebook_size=512, tokens_per_image=64)  # configs/demo: 8x8 tokens, block_size 576
+    assert layout.frames_that_fit(576) == 9  # BOS + 8 prompt frames + 63 fed tokens = 576
+    assert layout.frames_that_fit(576, with_eos=True) == 8  # BOS + 9 * 64 + EOS - 1 = 577 would not fit
+
+
+def test_bos_free_layout_pads_with_the_first_special():
+    released = TokenLayout(codebook_size=8192, tokens_per_image=256, add_bos=False, add_eos=False)
+    assert released.pad_id == 8192 and released.vocab_size == 8292 and released.sentence_length(2) == 512
+    assert TokenLayout(codebook_size=8192, tokens_per_image=256).pad_id == 8193

@@ -12,7 +12,8 @@ from diffusers import VQModel
 from lightning.pytorch.cli import instantiate_module
 
 from lvm_pl.console import UserError
-from lvm_pl.interop.diffusers_vq import export_diffusers, import_diffusers
+from lvm_pl.interop.diffusers_vq import export_diffusers
+from lvm_pl.interop.vqgan_import import import_vqgan
 from lvm_pl.vqgan import load_tokenizer
 from lvm_pl.vqgan.module import VQGAN
 
@@ -33,17 +34,20 @@ def _images(n: int = 2, size: int = 16) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
-def _reference(ref: VQModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers' indices [B, h, w] and decoded images (clamped to [-1, 1] as its post-processing does)."""
+def _reference(ref: VQModel, x: torch.Tensor, unit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' indices [B, h, w] and decoded images of [-1, 1] images `x`, fed in [0, 1] when `unit` (amused's
+    convention: decodes clamped to [0, 1]) and mapped back to [-1, 1]."""
     with torch.no_grad():
-        z = ref.encode(x).latents
+        z = ref.encode((x + 1) / 2 if unit else x).latents
         _, _, (_, _, idx) = ref.quantize(z)
-        return idx.reshape(z.shape[0], *z.shape[2:]), ref.decode(z).sample.clamp(-1, 1)
+        decoded = ref.decode(z).sample
+        decoded = decoded.clamp(0, 1) * 2 - 1 if unit else decoded.clamp(-1, 1)
+        return idx.reshape(z.shape[0], *z.shape[2:]), decoded
 
 
-def _check_same(ours: VQGAN, ref: VQModel) -> None:
+def _check_same(ours: VQGAN, ref: VQModel, unit: bool = False) -> None:
     x = _images()
-    ref_idx, ref_img = _reference(ref.eval(), x)
+    ref_idx, ref_img = _reference(ref.eval(), x, unit)
     idx = ours.encode(x)
     assert idx.unique().numel() > 4  # a test where every position takes one code could not see a mix-up
     assert torch.equal(idx, ref_idx)
@@ -71,14 +75,15 @@ def _vqmodel(**overrides) -> VQModel:
 def test_import_matches_diffusers(tmp_path):
     ref = _vqmodel()
     ref.save_pretrained(tmp_path / "vq")
-    import_diffusers(str(tmp_path / "vq"), str(tmp_path / "vq.ckpt"))
+    import_vqgan(str(tmp_path / "vq"), str(tmp_path / "vq.ckpt"))
     ours = load_tokenizer(tmp_path / "vq.ckpt")
     assert ours.codebook_size == CODES and ours.downsample_factor == 2
+    assert ours.input_range == (0.0, 1.0)  # a released (amused) VQModel works on [0, 1] pixels
     hp = torch.load(tmp_path / "vq.ckpt", weights_only=True)["hyper_parameters"]  # LightningCLI reads it this way
     assert hp["_class_path"] == "lvm_pl.vqgan.module.VQGAN"
     assert hp["autoencoder"]["init_args"]["attention_levels"] == [1]
     assert hp["loss"]["init_args"]["discriminator"]["class_path"] == "lvm_pl.vqgan.discriminators.PatchGAN"
-    _check_same(ours, ref)
+    _check_same(ours, ref, unit=True)
 
 
 def _our_checkpoint(path, quantizer: dict | None = None, ema_decay: float | None = None) -> VQGAN:
@@ -139,6 +144,10 @@ def test_export_matches_ours(tmp_path, ema_decay):
     assert list(ref.config.down_block_types) == ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]
     assert list(ref.config.up_block_types) == ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]
     _check_same(load_tokenizer(tmp_path / "ours.ckpt"), ref)
+    import_vqgan(str(tmp_path / "out"), str(tmp_path / "back.ckpt"))  # our [-1, 1] range travels in config.json
+    back = load_tokenizer(tmp_path / "back.ckpt")
+    assert back.input_range == (-1.0, 1.0)
+    _check_same(back, ref)
 
 
 @pytest.mark.parametrize(
@@ -203,13 +212,13 @@ def test_import_refuses_unsupported_options(tmp_path, change, named):
     cfg_file = tmp_path / "vq" / "config.json"
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | change))
     with pytest.raises(UserError, match=named):
-        import_diffusers(str(tmp_path / "vq"), str(tmp_path / "vq.ckpt"))
+        import_vqgan(str(tmp_path / "vq"), str(tmp_path / "vq.ckpt"))
     assert not (tmp_path / "vq.ckpt").exists()
 
 
 def test_import_names_weights_that_do_not_fit(tmp_path):
     _vqmodel().save_pretrained(tmp_path / "vq")
     (tmp_path / "vq" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(UserError, match="diffusers_dir=.*cannot load"):
-        import_diffusers(str(tmp_path / "vq"), str(tmp_path / "vq.ckpt"))
+    with pytest.raises(UserError, match="source_dir=.*cannot load"):
+        import_vqgan(str(tmp_path / "vq"), str(tmp_path / "vq.ckpt"))
     assert not (tmp_path / "vq.ckpt").exists()

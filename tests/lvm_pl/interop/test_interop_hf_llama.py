@@ -64,7 +64,9 @@ def test_import_of_an_hf_llama_gives_equal_logits(tmp_path):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "x.ckpt"))
     import_hf(str(tmp_path / "hf"), str(tmp_path / "lvm.ckpt"), codebook_size=40, tokens_per_image=4)
     ours = LVM.load_from_checkpoint(tmp_path / "lvm.ckpt").eval()
-    assert ours.layout == LAYOUT and ours.config.n_query_groups == 1 and ours.config.rope_base == 2000.0
+    # an outside Llama gets the released LVM's conventions: no BOS, no EOS
+    assert ours.layout == TokenLayout(40, 4, 6, add_bos=False, add_eos=False)
+    assert ours.config.n_query_groups == 1 and ours.config.rope_base == 2000.0
     idx = torch.randint(0, 46, (2, 21))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=0)

@@ -3,12 +3,14 @@
 No GPU (and so no DeepSpeed run) is available to these tests: they build the directory layout DeepSpeed writes
 (`latest`, `<tag>/mp_rank_00_model_states.pt` or `zero_pp_rank_<r>_mp_rank_00_model_states.pt`, and per rank
 `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` holding that rank's partition of the flat fp32 master weights), exactly
-the files and keys `deepspeed/utils/zero_to_fp32.py` reads, from a tiny trained LVM. This stands in for a
-DeepSpeed run on GPUs; the conversion code under test is the same.
+the files and keys `deepspeed/utils/zero_to_fp32.py` reads, from a tiny trained LVM, with the DeepSpeed objects its
+optimizer states pickle (ZeroStageEnum, a loss scaler, fragment addresses: what files DeepSpeed 0.19.8 writes hold).
+This stands in for a DeepSpeed run on GPUs; the conversion code under test is the same.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections import OrderedDict
 
@@ -26,6 +28,9 @@ from lvm_pl.lvm.settings import OptimSettings
 from lvm_pl.tokens import TokenLayout
 
 pytest.importorskip("deepspeed")
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
 SMALL = {"n_layer": 1, "n_embd": 32, "n_head": 2, "intermediate_size": 64}
@@ -89,8 +94,21 @@ def _write_zero(directory, checkpoint: dict, stage: int) -> None:
     )
     for name in names:
         torch.save(model_state, tag / name)
+    # DeepSpeed's own objects, as in the files it writes (bf16: a static LossScaler; fp16: a DynamicLossScaler)
+    scaler = LossScaler(1.0) if stage == 2 else DynamicLossScaler(2.0**16, 1000, 1.0, 2, False, dtype=torch.float16)
+    starts = np.cumsum([0] + [v.numel() for v in weights.values()])[:-1]
+    slices = OrderedDict(
+        (k, fragment_address(v.numel(), int(o))) for (k, v), o in zip(weights.items(), starts, strict=True)
+    )
     for r in range(WORLD):
-        optim = {"zero_stage": stage, "partition_count": WORLD, key: partitions[r], "optimizer_state_dict": {}}
+        optim = {
+            "zero_stage": ZeroStageEnum(stage),
+            "partition_count": WORLD,
+            key: partitions[r],
+            "optimizer_state_dict": {},
+            "loss_scaler": scaler,
+            "param_slice_mappings": [slices],
+        }
         torch.save(
             {"optimizer_state_dict": optim, "ds_version": "0.19.8"},
             tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
@@ -143,3 +161,15 @@ def test_bad_inputs_are_user_errors_naming_the_path(tmp_path, trained):
         with pytest.raises(UserError, match=r"not a complete ZeRO checkpoint \(no \*_(optim|model)_states.pt"):
             convert_zero(str(tmp_path / "partial.ckpt"), str(tmp_path / "out.ckpt"))
     assert not (tmp_path / "out.ckpt").exists() and not list(tmp_path.glob(".out.ckpt.*"))  # nothing half-written
+
+
+def test_a_zero_file_holding_other_objects_is_refused_by_name(tmp_path, trained):
+    """DeepSpeed's reader unpickles with weights_only=False; convert-zero reads weights-only and allows only the
+    DeepSpeed types above: anything else (an argparse.Namespace, as training scripts pickle) is refused by name."""
+    checkpoint, _ = trained
+    _write_zero(tmp_path / "last.ckpt", checkpoint, 2)
+    optim = tmp_path / "last.ckpt" / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({**torch.load(optim, weights_only=False), "extra": argparse.Namespace(lr=0.1)}, optim)
+    with pytest.raises(UserError, match=r"rank_1_mp_rank_00_optim_states.pt: holds Python objects .*Namespace"):
+        convert_zero(str(tmp_path / "last.ckpt"), str(tmp_path / "out.ckpt"))
+    assert not (tmp_path / "out.ckpt").exists()

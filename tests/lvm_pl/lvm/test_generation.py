@@ -108,7 +108,7 @@ class PrefillSpy:
 @pytest.mark.parametrize(
     # block 20 = [BOS] + 4 frames + the generated frame's first 3 tokens (its last is never fed): window 4
     "block_size,max_context_frames,window,prefills",
-    [(20, None, 4, 3), (21, None, 4, 3), (64, 2, 2, 4), (64, 15, 15, 1)],
+    [(20, None, 4, 3), (21, None, 4, 3), (64, 2, 2, 4), (64, 15, 15, 1), (63, None, 14, 1)],
 )
 def test_sliding_window_keeps_the_most_recent_whole_frames(block_size, max_context_frames, window, prefills):
     model = tiny_model(block_size=block_size)

@@ -99,6 +99,42 @@ def test_document_mask_blocks_attention_across_documents():
     torch.testing.assert_close(model(packed, doc_ids=torch.zeros_like(doc_ids)), unmasked, atol=1e-5, rtol=1e-5)
 
 
+def packed_batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of 3 and 2 packed documents of uneven lengths (so flex attention's 128-blocks are partly masked)."""
+    torch.manual_seed(1)
+    idx = torch.randint(0, 97, (2, 64), device=device)
+    starts = torch.tensor([[0, 20, 45], [0, 33, 64]], device=device)
+    doc_ids = (torch.arange(64, device=device)[None, :, None] >= starts[:, None, :]).sum(-1) - 1  # [2, 64]
+    return idx, doc_ids
+
+
+def test_flex_document_mask_equals_the_dense_mask():
+    dense, flex = small_model(doc_mask="dense"), small_model(doc_mask="flex")
+    idx, doc_ids = packed_batch()
+    with torch.no_grad():  # CPU flex attention has no backward; the GPU test below trains through it
+        torch.testing.assert_close(flex(idx, doc_ids=doc_ids), dense(idx, doc_ids=doc_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_doc_mask_false_is_causal_across_documents():
+    idx, doc_ids = packed_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(small_model(doc_mask=False)(idx, doc_ids=doc_ids), small_model()(idx))
+    with pytest.raises(UserError, match="doc_mask='sparse'"):
+        LVMConfig(**SMALL, doc_mask="sparse")
+
+
+@pytest.mark.gpu
+def test_flex_document_mask_trains_like_the_dense_mask_on_cuda():
+    idx, doc_ids = packed_batch("cuda")
+    grads = []
+    for kind in ("dense", "flex"):
+        model = small_model(doc_mask=kind).cuda().train()
+        logits = model(idx, doc_ids=doc_ids)
+        logits.square().mean().backward()
+        grads.append((logits.detach(), model.layers[0].self_attn.q_proj.weight.grad))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     model = small_model().train()
     idx = torch.randint(0, 97, (2, 10))

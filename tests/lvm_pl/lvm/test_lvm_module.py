@@ -16,7 +16,7 @@ from lvm_pl import shards
 from lvm_pl.batches import SentenceBatch
 from lvm_pl.console import UserError
 from lvm_pl.lvm.model import RMSNorm
-from lvm_pl.lvm.module import LVM, warmup_cosine
+from lvm_pl.lvm.module import LVM
 from lvm_pl.lvm.settings import OptimSettings
 from lvm_pl.stage_data import StageData
 from lvm_pl.tokens import TokenLayout
@@ -124,14 +124,6 @@ def test_decay_excludes_norms_and_embeddings():
     lvm.configure_model()
     lvm.trainer = Trainer(logger=False)
     assert len(lvm.configure_optimizers()["optimizer"].param_groups) == 1
-
-
-def test_warmup_cosine_schedule():
-    assert warmup_cosine(0, 10, 110, 0.2) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 110, 0.2) == pytest.approx(1.0)
-    assert warmup_cosine(60, 10, 110, 0.2) == pytest.approx(0.6)  # half-way down the cosine: (1 + 0.2) / 2
-    assert warmup_cosine(110, 10, 110, 0.2) == pytest.approx(0.2)
-    assert warmup_cosine(10_000, 10, 110, 0.2) == pytest.approx(0.2)
 
 
 class FakeTokenizer(torch.nn.Module):

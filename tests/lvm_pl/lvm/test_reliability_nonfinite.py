@@ -58,7 +58,7 @@ def _fit(tmp_path, policy: str, max_steps: int) -> tuple[Trainer, WeightLog]:
 def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step {BAD_STEP}: train/loss=nan"):
         _fit(tmp_path, "stop", max_steps=10)
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4  # the checkpoint of step 4, written before the bad step; nothing after it
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
     assert LVM.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt").layout == LAYOUT

@@ -9,6 +9,7 @@ import torch
 from lvm_pl.batches import ImageBatch, SentenceBatch, TokenizedSentences
 from lvm_pl.console import UserError
 from lvm_pl.vqgan import load_tokenizer
+from lvm_pl.vqgan.module import VQGAN
 from main import cli
 
 
@@ -78,6 +79,23 @@ def test_load_tokenizer_round_trip(fitted):
     torch.testing.assert_close(tok.reconstruct(x), out)
     trained = run.model.eval()
     assert torch.equal(trained.encode(x), idx)
+
+
+def test_input_range_is_applied_inside_encode_and_decode(fitted):
+    """A [0, 1] tokenizer (the released one's range) sees (x + 1) / 2 and its decodes, clamped to [0, 1], come back
+    in [-1, 1]; callers never know."""
+    _, ckpt = fitted
+    tok = load_tokenizer(ckpt)
+    tok.input_range = (0.0, 1.0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    ae = tok._eval_autoencoder()
+    idx = tok.encode(x)
+    assert torch.equal(idx, tok.quantizer(ae.encode((x + 1) / 2)).indices)
+    raw = ae.decode(tok.quantizer.embed(idx))
+    torch.testing.assert_close(tok.decode(idx), raw.clamp(0, 1) * 2 - 1)
+    assert not torch.equal(idx, load_tokenizer(ckpt).encode(x))  # the range changes what the encoder sees
+    with pytest.raises(UserError, match=r"model.input_range=\[1.0, 0.0\]"):
+        VQGAN(tok.autoencoder, tok.quantizer, tok.loss, input_range=(1.0, 0.0))
 
 
 def test_predict_step_encodes_real_images_only(fitted):

@@ -42,6 +42,8 @@ def today(old: dict) -> dict:
     if old["model"]["class_path"].endswith(".LVM"):
         model = migrate_hparams(model)
         model.pop("generation", None)  # run-time settings, unchanged; compared below with their new defaults
+        # added since: the recipe names the document-masked attention (the code default then and now)
+        model["overrides"] = {**(model.get("overrides") or {}), "doc_mask": True}
         old["model"]["init_args"] = model
     old["data"]["init_args"].pop("vocab_size", None)
     for cb in old["trainer"].get("callbacks") or []:

@@ -44,7 +44,8 @@ def test_old_lvm_checkpoint_resumes_one_step(repo_root, old, tmp_path):
         "--trainer.limit_val_batches=0",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
-        f"--trainer.callbacks=[{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {tmp_path / 'ck'}, save_last: true}}}}]",
+        "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint,"
+        f" init_args: {{dirpath: {tmp_path / 'ck'}, save_last: true}}}}]",
         f"--ckpt_path={old / 'lvm.ckpt'}",
     )
     assert out.returncode == 0, out.stderr[-3000:]

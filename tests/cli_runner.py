@@ -1,0 +1,114 @@
+"""Run many `python main.py ...` commands fast: one process pays the imports (~10 s on 2 cores), then forks a child
+per command that runs `main.py` as `__main__` with that command's argv, cwd and environment, exactly as
+`python main.py ...` does after its imports. Usage (the client side is `run_commands`):
+
+    python tests/cli_runner.py < requests.jsonl     # {"argv", "cwd", "env", "stdout", "stderr"} per line
+    -> one {"index", "rc", "seconds"} line per request on stdout, in order of completion
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# imported once in the server, so the children start warm: the modules every command's configs name
+PRELOAD = [
+    "main",
+    "lvm_pl.lvm.module",
+    "lvm_pl.vqgan.module",
+    "datamodules",
+    "datamodules.tokens",
+    "datamodules.prompts",
+    "callbacks.token_writer",
+    "callbacks.image_writer",
+    "lightning.pytorch.loggers",
+]
+
+
+def _child(request: dict) -> None:
+    """In the forked child: become `python main.py <argv>` (never returns)."""
+    import runpy
+    import traceback
+
+    code = 1
+    try:
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = [str(REPO / "main.py"), *request["argv"]]
+        try:
+            runpy.run_path(str(REPO / "main.py"), run_name="__main__")
+            code = 0
+        except SystemExit as exit_:
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=sys.stderr)
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+            traceback.print_exc()
+            code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve(parallel: int) -> None:
+    """Read every request from stdin, then run them `parallel` at a time; report each as it finishes."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    requests = [json.loads(line) for line in sys.stdin if line.strip()]
+    running: dict[int, tuple[int, float]] = {}
+    pending = list(enumerate(requests))
+    while pending or running:
+        while pending and len(running) < parallel:
+            index, request = pending.pop(0)
+            pid = os.fork()
+            if pid == 0:
+                _child(request)
+            running[pid] = (index, time.perf_counter())
+        pid, status = os.wait()
+        index, start = running.pop(pid)
+        rc = os.waitstatus_to_exitcode(status)
+        print(json.dumps({"index": index, "rc": rc, "seconds": time.perf_counter() - start}), flush=True)
+
+
+def run_commands(commands: list[dict], parallel: int = 2, timeout: float = 600) -> list[dict]:
+    """Run `commands` ({"argv", "cwd", "env"}) through the server; returns {"rc", "stdout", "stderr", "seconds"}."""
+    logs = Path(tempfile.mkdtemp(prefix="cli_runner_"))  # outside every command's cwd: they must stay unchanged
+    requests = [
+        {**command, "stdout": str(logs / f"{i}.out"), "stderr": str(logs / f"{i}.err")}
+        for i, command in enumerate(commands)
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, str(parallel)],
+        input="".join(json.dumps(r) + "\n" for r in requests),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results: list[dict] = [{} for _ in requests]
+    for line in proc.stdout.splitlines():
+        reply = json.loads(line)
+        request = requests[reply["index"]]
+        outputs = {key: Path(request[key]).read_text() for key in ("stdout", "stderr")}
+        results[reply["index"]] = {"rc": reply["rc"], "seconds": reply["seconds"], **outputs}
+    shutil.rmtree(logs)
+    return results
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
