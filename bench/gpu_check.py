@@ -156,9 +156,7 @@ def convert_zero_part(work: Path, size: dict, dry: bool) -> tuple[bool, dict]:
 
     source = work / "zero3.ckpt"
     if dry:
-        raise Skip(
-            "no ZeRO-3 checkpoint without CUDA (tests/lvm_pl/interop/test_interop_zero.py converts DeepSpeed's file layout)"
-        )
+        raise Skip("no ZeRO-3 checkpoint without CUDA (tests/lvm_pl/interop/test_interop_zero.py converts the layout)")
     if not source.exists():
         raise RuntimeError("no ZeRO-3 checkpoint: the fit_deepspeed_zero3 part did not write one")
     target = work / "zero3_fp32.ckpt"

@@ -1,4 +1,4 @@
-"""Fast in-process checks of the VQGAN's exact resume (the kill -9 version is tests/cli/test_reliability_resume.py, slow):
+"""Fast in-process checks of the VQGAN's exact resume (the kill -9 version: tests/cli/test_reliability_resume.py):
 the image order of VisualSentenceDataModule continues mid-epoch, and a fit stopped at a checkpoint and resumed - with
 the global RNG disturbed in between - ends with the same weights, buffers and optimizer state, bit for bit."""
 
