@@ -21,7 +21,7 @@ from lightning.fabric.utilities.types import _PATH
 
 from lvm_pl.atomic import atomic_path
 from lvm_pl.console import UserError
-from lvm_pl.safe_load import load_error
+from lvm_pl.safe_load import load_error, load_torch_file
 
 # the stages: class path -> what it is and the config family that builds it (for "use this instead")
 STAGES = {
@@ -34,13 +34,9 @@ LVM_CLASS = "lvm_pl.lvm.module.LVM"
 
 def saved_class_path(path: str | Path) -> str | None:
     """The LightningModule class a checkpoint was saved from (LightningCLI records it), None when not recorded."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise UserError(f"ckpt_path={path}: no such checkpoint file") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"ckpt_path={path}: not a readable checkpoint ({detail})") from None
+    if not Path(path).is_file():
+        raise UserError(f"ckpt_path={path}: no such checkpoint file")
+    checkpoint = load_torch_file(path, f"ckpt_path={path}", mmap=True)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     return hparams.get("_class_path") if isinstance(hparams, dict) else None
 

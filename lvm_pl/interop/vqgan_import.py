@@ -21,6 +21,7 @@ from lvm_pl.atomic import torch_save
 from lvm_pl.console import UserError, say
 from lvm_pl.interop import diffusers_vq, open_muse
 from lvm_pl.interop.weights import read_weights
+from lvm_pl.safe_load import load_torch_file
 from lvm_pl.vqgan.autoencoder import Autoencoder
 from lvm_pl.vqgan.module import VQGAN
 from lvm_pl.vqgan.quantizers import VectorQuantizer
@@ -62,7 +63,9 @@ def _diffusers_weights(path: Path) -> dict[str, torch.Tensor]:
     from diffusers import VQModel
 
     # `from_pretrained` on a local directory reads it only (no download), reads every weight file form and renames
-    # legacy attention keys
+    # legacy attention keys; a pickled weight file is first checked weights-only here, so a refusal names it
+    for file in sorted(path.glob("*.bin")):
+        load_torch_file(file, mmap=True)
     try:
         return VQModel.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False).state_dict()
     except (OSError, ValueError, RuntimeError) as err:

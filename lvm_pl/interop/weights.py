@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lvm_pl.console import UserError
+from lvm_pl.safe_load import load_torch_file
 
 
 def weight_files(path: Path, stems: tuple[str, ...]) -> list[Path]:
@@ -37,20 +38,16 @@ def weight_files(path: Path, stems: tuple[str, ...]) -> list[Path]:
 
 def read_shard(file: Path) -> dict[str, torch.Tensor]:
     """One weight file's tensors, as stored (dtype kept)."""
-    try:
-        if file.suffix == ".safetensors":
+    if file.suffix != ".safetensors":
+        state = load_torch_file(file, mmap=True)  # weights-only; a code-carrying file is refused by name
+    else:
+        try:
             from safetensors.torch import load_file
 
             return load_file(str(file))
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:  # legacy (pre-zip) files cannot be memory-mapped
-            if "mmap" not in str(err):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable weight file is the user's to fix
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{file}: cannot read weights ({detail})") from None
+        except Exception as err:  # noqa: BLE001 - any unreadable weight file is the user's to fix
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{file}: cannot read weights ({detail})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{file}: not a state dict of tensors")
     return state

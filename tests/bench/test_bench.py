@@ -115,7 +115,7 @@ def test_train_flops_formula_matches_the_counter_and_twins_agree():
 def test_vqgan_reference_holds_our_weights_and_does_the_whole_job(repo_root):
     from bench.bench_vqgan import models, reference_decode, reference_encode
 
-    ours, vq = models(repo_root / "configs/vqgan/muse_f16_8192.yaml", "cpu")
+    ours, vq = models(repo_root / "configs/vqgan/recipe.yaml", "cpu")  # the released architecture
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.inference_mode():
         ids = reference_encode(vq, images)

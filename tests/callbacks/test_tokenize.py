@@ -172,13 +172,15 @@ def test_resume_leaves_written_sentences_out_of_predict_when_the_data_can(tmp_pa
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
 
 
-def test_resume_with_data_that_cannot_skip_sentences_is_a_user_error(tmp_path):
+def test_resume_with_data_that_cannot_skip_sentences_drops_them_in_the_writer(tmp_path):
+    """Data without `skip_predict` gives the written sentences again; the writer drops them: same shards."""
     with pytest.raises(RuntimeError, match="simulated crash"):
         _tokenize(tmp_path / "run", fail_at_batch=4)
-    with pytest.raises(UserError, match="UnnumberedSentenceData cannot resume a tokenize run"):
-        _tokenize(tmp_path / "run", data_class=UnnumberedSentenceData)
-    _tokenize(tmp_path / "fresh", data_class=UnnumberedSentenceData)  # nothing to resume: it tokenizes
-    assert shards.load_manifest(tmp_path / "fresh").data["counts"]["sentences"] == 23
+    _tokenize(tmp_path / "run", data_class=UnnumberedSentenceData)
+    _tokenize(tmp_path / "fresh", data_class=UnnumberedSentenceData)
+    assert shards.load_manifest(tmp_path / "run").data["counts"]["sentences"] == 23
+    resumed = {p.name: p.read_bytes() for p in sorted((tmp_path / "run").glob("*.bin"))}
+    assert resumed == {p.name: p.read_bytes() for p in sorted((tmp_path / "fresh").glob("*.bin"))}
 
 
 _KILL_SCRIPT = """

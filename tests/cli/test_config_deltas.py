@@ -45,6 +45,8 @@ def today(old: dict) -> dict:
         # added since: the recipe names the document-masked attention (the code default then and now)
         model["overrides"] = {**(model.get("overrides") or {}), "doc_mask": True}
         old["model"]["init_args"] = model
+    else:  # added since: the tokenizer's pixel range (its default, [-1, 1], is what the old code fed)
+        model["input_range"] = [-1.0, 1.0]
     old["data"]["init_args"].pop("vocab_size", None)
     for cb in old["trainer"].get("callbacks") or []:
         for key, value in cb.get("init_args", {}).items():

@@ -72,6 +72,11 @@ def plant_all(case: Path) -> None:
     (case / "zero" / "latest").write_text("checkpoint")
     plant(case / "zero" / "checkpoint" / "mp_rank_00_model_states.pt", marker)
     plant(case / "zero" / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    vq = {"_class_name": "VQModel", "block_out_channels": [32], "down_block_types": ["DownEncoderBlock2D"]}
+    vq |= {"up_block_types": ["UpDecoderBlock2D"], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
+    (case / "vq").mkdir()
+    (case / "vq" / "config.json").write_text(json.dumps(vq | {"num_vq_embeddings": 16}))  # a diffusers VQModel dir
+    plant(case / "vq" / "diffusion_pytorch_model.bin", marker)
 
 
 class Case(NamedTuple):
@@ -101,8 +106,8 @@ CASES = [
     Case("lvm_test_tokenizer", f"main.py test {LVM_TEST} --model.init_args.tokenizer={{evil}}"),
     Case("lvm_predict_tokenizer", f"main.py predict {GENERATE} --model.init_args.tokenizer={{evil}}"),
     Case("export_hf", "main.py export-hf --checkpoint={evil} --out_dir=out"),
-    # import-hf opens no .bin today (safetensors only); issue 16's .bin reading turns `why` into REFUSED
-    Case("import_hf_bin", "main.py import-hf --hf_dir={dir}/hf --out=o.ckpt", "{dir}/hf", "no model.safetensors"),
+    Case("import_hf_bin", "main.py import-hf --hf_dir={dir}/hf --out=o.ckpt", "{dir}/hf/pytorch_model.bin"),
+    Case("import_vqgan_bin", "main.py import-vqgan --source_dir={dir}/vq --out=o.ckpt", "{dir}/vq/diffusion_pytorch_"),
     Case("convert_zero", "main.py convert-zero --checkpoint_dir={dir}/zero --out=o.ckpt", "{dir}/zero/checkpoint/"),
     Case("bench_tokens_vqgan", "-m bench.bench_tokens --quick --vqgan={evil}"),
 ]
@@ -155,21 +160,6 @@ def test_a_code_carrying_file_is_refused_by_name(runs, case):
     assert errors == lines[-1:], f"{case.name}: stderr ends {lines[-3:]}"
     assert case.names.format(**where) in errors[0], f"{case.name}: {errors[0]}"
     assert re.search(case.why, errors[0]), f"{case.name}: {errors[0]}"
-
-
-def test_import_diffusers_refuses_a_code_carrying_bin(tmp_path):
-    """The diffusers VQModel import (no CLI command yet: issue 16's import-vqgan) reads a .bin weights-only."""
-    from diffusers import VQModel
-
-    from lvm_pl.interop.diffusers_vq import import_diffusers
-
-    VQModel(block_out_channels=[32], down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"],
-            layers_per_block=1, latent_channels=4, num_vq_embeddings=16, norm_num_groups=8).save_pretrained(
-        tmp_path / "vq", safe_serialization=False)  # fmt: skip
-    plant(tmp_path / "vq" / "diffusion_pytorch_model.bin", tmp_path / "MARKER")
-    with pytest.raises(UserError, match=r"diffusers_dir=.*vq: cannot load its weights"):
-        import_diffusers(str(tmp_path / "vq"), str(tmp_path / "out.ckpt"))
-    assert not (tmp_path / "MARKER").exists()
 
 
 def test_checkpoint_io_reads_weights_only_whoever_asks(tmp_path):
