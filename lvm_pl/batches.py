@@ -76,8 +76,9 @@ class TokenBatch:
         return self.input_ids.shape[0]
 
     def row_tokens(self, row: int) -> torch.Tensor:
-        """The window's whole token stream [T + 1]: the inputs and the one label past the last input."""
-        return torch.cat([self.input_ids[row], self.labels[row, -1:].clamp(min=0)])
+        """The window's token stream [T + 1]: its first input, then every label (token p + 1 is label p; a padded
+        window's inputs hold padding where its labels hold `IGNORE_INDEX`, which no sentence reaches)."""
+        return torch.cat([self.input_ids[row, :1], self.labels[row]])
 
 
 @dataclass

@@ -321,3 +321,28 @@ def test_cli_test_on_token_shards_after_a_short_fit(tmp_path, repo_root):
     assert [e.step for e in curve] == [1, 2, 3]
     assert [e.value for e in curve] == pytest.approx([r["perplexity"] for r in rows], rel=1e-5)
     assert {"test/target_perplexity", "test/target_perplexity/sequence"} <= set(acc.Tags()["scalars"])
+
+
+def test_bos_free_shards_are_evaluated_by_their_shard_index(tmp_path):
+    """The released LVM's layout has no BOS and no EOS: sentences cannot be found from the tokens, so the test run
+    finds them from each window's stream position and the shard index, with their kinds; the context study's rows
+    start without BOS."""
+    from datamodules.tokens import TokenDataModule
+    from lvm_pl import shards
+
+    layout = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4, add_bos=False, add_eos=False)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 32, size=(n, 4)) for n in (3, 4, 2, 5, 3, 4)]
+    kinds = ["sequence", "analogy", "sequence", "sequence", "category", "sequence"]
+    shards.write_split(tmp_path / "test", "test", layout, images, kinds=kinds)
+    data = TokenDataModule(test=str(tmp_path / "test"), seq_len=24, batch_size=2)
+    overrides = {"block_size": 24, "n_embd": 32, "n_layer": 1, "n_head": 2, "intermediate_size": 64}
+    model = LVM(preset="tiny", overrides=overrides, evaluation=EvalSettings(context_frames=2))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.test(model, data)
+    results = json.loads((tmp_path / report.RESULTS_FILE).read_text())
+    by_kind = {k: v["examples"] for k, v in results["target_perplexity"].items()}
+    assert by_kind == {"sequence": 4, "analogy": 1, "category": 1, "all": 6}, by_kind
+    assert results["context_length"]["rows"][0]["examples"] == 3  # the sequences of >= 3 frames
+    assert "row = context target" in results["context_length"]["frames"]  # no [BOS]
+    assert not any("kinds unknown" in n for n in results["notes"])
