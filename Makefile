@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e '.[dev,hf,video]'
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e '.[dev,hf,video,stream]'
 	touch $(STAMP)
 
 install: $(STAMP)

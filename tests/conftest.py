@@ -151,3 +151,13 @@ def tiny_assets(tmp_path_factory, repo_root) -> dict:
         "prompts_file": root / "prompts.yaml",
         "prompts_folder": root / "prompts",
     }
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on 127.0.0.1 for this worker; `.env()` is the environment that points at it."""
+    from s3_server import start
+
+    server, thread = start()
+    yield server
+    thread.stop()
