@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,21 @@ class VisualSentence:
     images: list[np.ndarray]
     kind: str
     meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A piece of a split that one process tokenizes into one output shard, independent of how many processes run.
+
+    Either a fixed range `[start, stop)` of the split's sentence index (map-style sources) or one input shard
+    (`url`, for sources stored as shards). `name` is stable across runs and machines: it names the output shard.
+    """
+
+    split: str
+    name: str
+    start: int = 0
+    stop: int = 0
+    url: str | None = None
 
 
 class SentenceSource(ABC):
@@ -51,6 +67,17 @@ class SentenceSource(ABC):
     def describe(self, split: str, index: int) -> str:
         """Where sentence `index` comes from, for error messages (a path for file sources)."""
         return f"{type(self).__name__} {split}[{index}]"
+
+    def work_units(self, split: str, sentences_per_unit: int) -> list[WorkUnit]:
+        """The units tokenizing splits `split` into: fixed index ranges here; shard sources give one per shard."""
+        n = self.split_size(split)
+        step = max(1, sentences_per_unit)
+        return [WorkUnit(split, f"{split}-{s // step:06d}", s, min(s + step, n)) for s in range(0, n, step)]
+
+    def unit_sentences(self, unit: WorkUnit) -> Iterator[tuple[int, VisualSentence]]:
+        """The sentences of `unit` in order, each with its index in the split (its position for shard sources)."""
+        for i in range(unit.start, unit.stop):
+            yield i, self.sentence(unit.split, i)
 
 
 def stable_fraction(name: str, seed: int) -> float:
