@@ -270,17 +270,17 @@ def test_tiny_lvm_trained_on_builtin_sequences_continues_one_into_a_png(tmp_path
         module = PaletteLVM(
             generation=GenerationSettings(temperature=0, max_context_frames=15),
             preset="tiny",
-            overrides={"n_embd": 96, "n_layer": 3, "n_head": 4, "intermediate_size": 256, "block_size": 512},
+            overrides={"n_embd": 96, "n_layer": 3, "n_head": 4, "intermediate_size": 256, "block_size": 128},
             tokenizer="palette",
             optim=OptimSettings(lr=3e-3, warmup_steps=20),
         )
         train = VisualSentenceDataModule(
-            BuiltinSource(splits={"train": 512, "val": 0, "test": 0}, **source), 32, "sentence", batch_size=8
+            BuiltinSource(splits={"train": 512, "val": 0, "test": 0}, **source), 16, "sentence", batch_size=8
         )
         fit = cpu_trainer(max_steps=300)
         fit.fit(module, datamodule=train)
         prompts = PromptDataModule(
-            source=BuiltinSource(splits={"train": 0, "val": 6, "test": 0}, **source), num_frames=1, image_size=32
+            source=BuiltinSource(splits={"train": 0, "val": 6, "test": 0}, **source), num_frames=1, image_size=16
         )
         writer = ImageWriter(output_dir=str(tmp_path / "out"))
         cpu_trainer(callbacks=[writer]).predict(module, prompts, return_predictions=False)
