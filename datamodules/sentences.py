@@ -49,7 +49,8 @@ class SentenceDataset(Dataset):
             image, kind = self.read_image(i, k - self.starts[i])
             return {"image": to_tensor(image), "kind": kind}  # [3, H, W]
         s = self.read_sentence(k)
-        return {"images": torch.stack([to_tensor(x) for x in s.images]), "kind": s.kind, "index": k}  # [N, 3, H, W]
+        images = torch.stack([to_tensor(x) for x in s.images])  # [N, 3, H, W]
+        return {"images": images, "kind": s.kind, "index": k, "family": s.meta.get("family")}
 
 
 def collate_images(items: list[dict]) -> ImageBatch:
@@ -65,6 +66,7 @@ def collate_sentences(items: list[dict]) -> SentenceBatch:
         num_images=counts,
         index=torch.tensor([it["index"] for it in items], dtype=torch.long),
         kinds=[it["kind"] for it in items],
+        families=[it.get("family") for it in items],
     )
 
 

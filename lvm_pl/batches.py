@@ -34,12 +34,13 @@ class ImageBatch:
 @dataclass
 class SentenceBatch:
     """Visual sentences: `images` [B, N, 3, H, W] zero-padded, `num_images` [B], `index` [B] (sentence number in its
-    split), `kinds` per row."""
+    split), `kinds` per row, and `families` (the generator or source family, e.g. "moving") where the data names it."""
 
     images: torch.Tensor
     num_images: torch.Tensor
     index: torch.Tensor
     kinds: list[str]
+    families: list[str | None] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

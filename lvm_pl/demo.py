@@ -156,8 +156,35 @@ def summary(v: Variant = DEFAULT) -> str:
     keys = ("predicted_psnr", "copy_last_psnr", "reconstruction_psnr")
     seq = fmt(lvm, tuple(f"next_frame/sequence/{k}" for k in keys))
     lines.append(f"next frame  : sequences {seq}")
+    lines += drawn(lvm.get("next_frame") or {})
     lines += verdict(lvm, rows, v)
     return "\n".join(lines)
+
+
+def drawn(next_frame: dict) -> list[str]:
+    """What the LVM drew, by figures a blur cannot win: moving objects' position error and presence, and every
+    family's token accuracy (analogies: beside copying the query B), each beside the copy baseline."""
+
+    def pair(d: dict, what: str, unit: str = "", scale: float = 1.0) -> str:
+        got, copy = d.get(f"predicted_{what}"), d.get(f"copy_last_{what}")
+        digits = 0 if unit == "%" else 2
+        show = lambda x: "n/a" if x is None else f"{x * scale:.{digits}f}{unit}"  # noqa: E731
+        return f"{show(got)} (copy {show(copy)})"
+
+    lines = []
+    moving = next_frame.get("family/moving")
+    if moving:
+        lines.append(
+            f"moving      : object position error {pair(moving, 'position_error', ' px')}, presence"
+            f" {pair(moving, 'present', '%', 100)}, token accuracy {pair(moving, 'token_accuracy')}"
+        )
+    for name, d in next_frame.items():
+        if name.startswith("family/") and name != "family/moving":
+            lines.append(
+                f"{name[7:]:<12}: psnr {pair(d, 'psnr', ' dB')}, token accuracy {pair(d, 'token_accuracy')}"
+                f" ({d['examples']} prompts)"
+            )
+    return lines
 
 
 def verdict(lvm: dict, rows: list[dict], v: Variant = DEFAULT) -> list[str]:

@@ -77,7 +77,8 @@ class TestEvaluation:
             return
         images = batch.images[sentence.row, : sentence.num_images]  # [N, 3, H, W]
         quality = metrics.next_frame_quality(model, tokenizer, images, self.layout)
-        self.next_frame.append({"kind": sentence.kind, "index": sentence.index, **quality})
+        family = batch.families[sentence.row] if batch.families else None
+        self.next_frame.append({"kind": sentence.kind, "index": sentence.index, "family": family, **quality})
 
     def finish(self, trainer) -> dict[str, float]:
         """Gather every rank's records, write the results into the run directory (rank zero), return the scalars."""

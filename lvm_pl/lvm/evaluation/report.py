@@ -12,6 +12,11 @@ from lvm_pl.tensorboard import tensorboard
 
 RESULTS_FILE = "lvm_test_results.json"
 CONTEXT_FILE = "context_length"  # .csv, .json, .png
+NEXT_FRAME_SCALARS = tuple(
+    f"{who}_{what}"
+    for what in ("psnr", "ssim", "token_accuracy", "position_error", "present")
+    for who in ("predicted", "copy_last")
+)
 
 
 def write_results(directory: str | Path, results: dict) -> Path:
@@ -66,8 +71,9 @@ def scalars(results: dict) -> dict[str, float]:
         out[f"test/target_perplexity_plain{suffix}"] = s["perplexity_plain"]
     for kind, s in results["next_frame"].items():
         suffix = "" if kind == "all" else f"/{kind}"
-        for field in ("predicted_psnr", "predicted_ssim", "copy_last_psnr", "copy_last_ssim"):
-            out[f"test/next_frame/{field}{suffix}"] = s[field]
+        for field in NEXT_FRAME_SCALARS:
+            if s.get(field) is not None:
+                out[f"test/next_frame/{field}{suffix}"] = s[field]
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 

@@ -161,6 +161,47 @@ def test_next_frame_prediction_is_the_greedy_generation_decoded():
     )
     psnr = image_metrics.psnr(images[1:2], images[2:])
     assert quality["copy_last_psnr"] == pytest.approx(float(psnr[0]))
+    assert quality["predicted_token_accuracy"] == pytest.approx(float((greedy[0, 0] == codes[2]).float().mean()))
+    assert quality["copy_last_token_accuracy"] == pytest.approx(float((codes[1] == codes[2]).float().mean()))
+
+
+def square_at(x: int, y: int, size: int = 32, side: int = 6, fg: float = 0.8, bg: float = -0.6) -> torch.Tensor:
+    """A [3, size, size] frame in [-1, 1]: a `side`-pixel square with top-left corner (x, y) on a plain background."""
+    image = torch.full((3, size, size), bg)
+    image[:, y : y + side, x : x + side] = fg
+    return image
+
+
+def test_object_metrics_reward_the_moved_object_and_refuse_the_blur_that_psnr_prefers():
+    previous, truth = square_at(6, 10), square_at(12, 10)  # moved 6 px right
+    blur = (square_at(6, 10) + square_at(12, 10) + square_at(18, 10)) / 3  # hedging between three positions
+    assert em.object_match(truth, truth) == {"position_error": 0.0, "present": 1.0}
+    assert em.object_match(square_at(13, 10), truth) == {"position_error": pytest.approx(1.0), "present": 1.0}
+    assert em.object_match(previous, truth)["position_error"] == pytest.approx(6.0)
+    # PSNR ranks the blur above copying the last frame; presence says it drew no object of the right size
+    psnr = lambda a: float(image_metrics.psnr(a[None], truth[None])[0])  # noqa: E731
+    assert psnr(blur) > psnr(previous)
+    assert em.object_match(blur, truth) == {"position_error": None, "present": 0.0}
+    assert em.object_match(torch.full_like(truth, -0.6), truth)["present"] == 0.0  # the object vanished
+    assert em.object_match(truth, torch.full_like(truth, -0.6)) == {}  # no object in the truth: not measured
+
+
+def test_next_frame_summary_groups_by_family_and_skips_absent_objects():
+    records = [
+        {"kind": "sequence", "index": 0, "family": "moving", "predicted_position_error": 2.0, "predicted_present": 1.0},
+        {
+            "kind": "sequence",
+            "index": 1,
+            "family": "moving",
+            "predicted_position_error": None,
+            "predicted_present": 0.0,
+        },
+        {"kind": "analogy", "index": 2, "family": "invert", "predicted_token_accuracy": 0.5},
+    ]
+    out = em.summarize_next_frame(records)
+    assert out["family/moving"] == {"examples": 2, "predicted_position_error": 2.0, "predicted_present": 0.5}
+    assert out["family/invert"]["predicted_token_accuracy"] == 0.5 and out["all"]["examples"] == 3
+    assert report.scalars({"target_perplexity": {}, "next_frame": out})["test/next_frame/predicted_present/sequence"]
 
 
 def test_context_table_files(tmp_path):
@@ -247,6 +288,8 @@ def test_on_the_fly_test_run_with_next_frame_quality(tmp_path):
         last, truth = to_tensor(s.images[-2]), to_tensor(s.images[-1])
         psnr.append(10 * math.log10(4 / float((last - truth).pow(2).mean())))
     assert quality["copy_last_psnr"] == pytest.approx(float(np.mean(psnr)), rel=1e-4)
+    families = {f"family/{s.meta['family']}" for s in picked}  # the sentences' families reach the summary
+    assert families <= set(results["next_frame"]) and "copy_last_token_accuracy" in quality
     assert 0 < quality["reconstruction_ssim"] <= 1 and quality["predicted_psnr"] > 0
 
 
