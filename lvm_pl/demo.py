@@ -225,13 +225,17 @@ def fmt(results: dict, keys: tuple[str, ...]) -> str:
     return ", ".join(found) if found else "(not available)"
 
 
-def demo(only: list[str] | None = None, long: bool = False) -> None:
+def demo(only: list[str] | None = None, long: bool = False, scaling: bool = False) -> None:
     """Run the demo stages in order (all, or only the named ones) and print the summary.
 
     Args:
         only: stage names to run (vqgan_fit, vqgan_test, tokenize_train, tokenize_val, lvm_fit, lvm_test, generate).
         long: the long variant (configs/demo/*_long.yaml: longer training, its own runs; see docs/demo.md).
+        scaling: the scaling study instead: three LVM sizes on the default demo's shards for the same number of
+            tokens, validation loss against tokens in runs/scaling/ (about 30 minutes on 2 CPU cores).
     """
+    if scaling:
+        return scaling_study()
     v = LONG if long else DEFAULT
     todo = stages(v)
     names = [s.name for s in todo]
@@ -244,3 +248,21 @@ def demo(only: list[str] | None = None, long: bool = False) -> None:
         if not only or stage.name in only:
             run_stage(stage, Path("runs", v.name))
     print(summary(v), flush=True)
+
+
+def scaling_study() -> None:
+    """`demo --scaling true`: the default demo's tokenizer and shards (made when missing), then the three sizes."""
+    from lvm_pl import scaling
+
+    if not Path("main.py").exists():
+        raise UserError("run the demo from the repository root (where main.py is)")
+    for stage in STAGES:
+        if stage.name == "vqgan_fit" or stage.name.startswith("tokenize"):
+            run_stage(stage, Path("runs", DEFAULT.name))
+    for stage in scaling.stages():
+        run_stage(stage, scaling.OUT)
+    curves = scaling.collect()
+    paths = scaling.write(curves)
+    print(
+        "\n".join(["", "== lvm-pl scaling study", f"figure      : {paths[1]} ({paths[0]})", *scaling.verdict(curves)])
+    )
