@@ -1,9 +1,12 @@
 """Run many `python main.py ...` commands fast: one process pays the imports (~10 s on 2 cores), then forks a child
 per command that runs `main.py` as `__main__` with that command's argv, cwd and environment, exactly as
-`python main.py ...` does after its imports. Usage (the client side is `run_commands`):
+`python main.py ...` does after its imports. Two client sides:
 
-    python tests/cli_runner.py < requests.jsonl     # {"argv", "cwd", "env", "stdout", "stderr"} per line
-    -> one {"index", "rc", "seconds"} line per request on stdout, in order of completion
+- `run_commands(commands, parallel)`: a batch, `parallel` at a time
+  (`python tests/cli_runner.py N < requests.jsonl`: {"argv", "cwd", "env", "stdout", "stderr"} per line ->
+  one {"index", "rc", "seconds"} line per request on stdout, in order of completion);
+- `WarmCLI`: one server kept for the whole test session (the `main_py` fixture of tests/conftest.py), answering one
+  command at a time as a test asks (`python tests/cli_runner.py --stream`).
 """
 
 from __future__ import annotations
@@ -110,5 +113,76 @@ def run_commands(commands: list[dict], parallel: int = 2, timeout: float = 600) 
     return results
 
 
+def serve_stream() -> None:
+    """Answer requests one by one as they arrive on stdin, until it closes: fork, wait, reply."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        start = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        _, status = os.waitpid(pid, 0)
+        reply = {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start}
+        print(json.dumps(reply), flush=True)
+
+
+class WarmCLI:
+    """`python main.py ...` as a forked child of one warm server: `run(argv, cwd, env)` -> CompletedProcess."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.logs = Path(tempfile.mkdtemp(prefix="warm_cli_"))
+        self.count = 0
+
+    def _start(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--stream"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert json.loads(proc.stdout.readline()).get("ready"), "cli_runner: the warm server did not start"
+        return proc
+
+    def run(
+        self, argv: list[str], cwd: str | Path | None = None, env: dict | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
+        """Run `main.py argv` in `cwd` (default: the current directory) with `env` (default: this environment)."""
+        import select
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = self._start()
+        self.count += 1
+        out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
+        request = {"argv": [str(a) for a in argv], "cwd": str(cwd or os.getcwd()), "env": dict(env or os.environ)}
+        self.proc.stdin.write(json.dumps(request | {"stdout": str(out), "stderr": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.close()  # the hung child goes with its server; the next command starts a fresh one
+            raise subprocess.TimeoutExpired(["main.py", *request["argv"]], timeout)
+        reply = json.loads(self.proc.stdout.readline())
+        completed = subprocess.CompletedProcess(
+            ["main.py", *request["argv"]], reply["rc"], out.read_text(), err.read_text()
+        )
+        out.unlink()
+        err.unlink()
+        return completed
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
 if __name__ == "__main__":
-    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    if sys.argv[1:] == ["--stream"]:
+        serve_stream()
+    else:
+        serve(int(sys.argv[1]) if len(sys.argv) > 1 else 2)

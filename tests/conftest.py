@@ -161,3 +161,14 @@ def s3_server():
     server, thread = start()
     yield server
     thread.stop()
+
+
+@pytest.fixture(scope="session")
+def main_py():
+    """`main_py(argv, cwd=None, env=None)`: `python main.py argv` as a subprocess runs it (its own process, `main.py` as
+    `__main__`, exit code, stdout, stderr), forked from one warm server per worker so the imports are paid once."""
+    from cli_runner import WarmCLI
+
+    runner = WarmCLI()
+    yield runner.run
+    runner.close()

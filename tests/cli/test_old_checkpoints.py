@@ -6,9 +6,6 @@ they load, train on, and predict through today's CLI; old config keys are refuse
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -16,10 +13,10 @@ FIXTURES = "tests/fixtures/pre_contracts"
 SMALL = "--model.init_args.overrides={block_size: 128, n_embd: 32, n_layer: 1, n_head: 2, intermediate_size: 64}"
 
 
-def run(repo_root, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(repo_root / "main.py"), *args], capture_output=True, text=True, timeout=300
-    )
+@pytest.fixture()
+def run(main_py):
+    """`python main.py args` (the repository given first, as the tests read it)."""
+    return lambda repo_root, *args: main_py(list(args))
 
 
 @pytest.fixture()
@@ -27,7 +24,7 @@ def old(repo_root):
     return repo_root / FIXTURES
 
 
-def test_old_lvm_checkpoint_resumes_one_step(repo_root, old, tmp_path):
+def test_old_lvm_checkpoint_resumes_one_step(run, repo_root, old, tmp_path):
     out = run(
         repo_root,
         "fit",
@@ -57,7 +54,7 @@ def test_old_lvm_checkpoint_resumes_one_step(repo_root, old, tmp_path):
     assert hp["layout"]["codebook_size"] == 16
 
 
-def test_old_lvm_checkpoint_predicts_with_old_tokenizer(repo_root, old, tmp_path):
+def test_old_lvm_checkpoint_predicts_with_old_tokenizer(run, repo_root, old, tmp_path):
     out = run(
         repo_root,
         "predict",
@@ -89,7 +86,7 @@ def test_old_lvm_checkpoint_predicts_with_old_tokenizer(repo_root, old, tmp_path
         ("--model.init_args.vocab_size=8292", "the vocabulary comes from the token layout"),
     ],
 )
-def test_old_config_keys_name_the_new_key(repo_root, flag, new):
+def test_old_config_keys_name_the_new_key(run, repo_root, flag, new):
     out = run(repo_root, "fit", "-c", str(repo_root / "configs/lvm/tiny.yaml"), flag, "--print_config")
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
@@ -97,7 +94,7 @@ def test_old_config_keys_name_the_new_key(repo_root, flag, new):
     assert "Traceback" not in out.stderr
 
 
-def test_old_config_file_names_the_file_and_new_key(repo_root, tmp_path):
+def test_old_config_file_names_the_file_and_new_key(run, repo_root, tmp_path):
     old_yaml = tmp_path / "old.yaml"
     old_yaml.write_text("model:\n  class_path: lvm_pl.lvm.module.LVM\n  init_args:\n    model: tiny\n    lr: 0.1\n")
     out = run(repo_root, "fit", "-c", str(old_yaml), "-c", str(repo_root / "configs/data/tokens.yaml"))
