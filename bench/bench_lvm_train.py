@@ -37,7 +37,7 @@ from lvm_pl.tokens import TokenLayout
 
 REFERENCE = "transformers LlamaForCausalLM (sdpa)"
 # document-masked variants timed beside the causal step (CPU flex attention has no backward)
-DOC_MASKS = {"cpu": ["dense"], "cuda": ["dense", "flex"]}
+DOC_MASKS = {"cpu": ["dense", "chunked"], "cuda": ["dense", "chunked", "flex"]}
 # --quick shrinks the tiny preset further, so the smoke run takes seconds
 QUICK_OVERRIDES = dict(n_embd=64, n_layer=2, n_head=2, intermediate_size=172)
 

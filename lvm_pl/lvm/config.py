@@ -35,9 +35,10 @@ class LVMConfig:
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     init_std: float = 0.02
-    # packed documents: true = causal within each document (flex attention on CUDA, `dense` SDPA mask on CPU),
-    # "flex" / "dense" force one, false = plain causal across documents (the official recipe; flash kernels)
+    # packed documents: true = causal within each document (flex attention on CUDA, `chunked` SDPA on CPU),
+    # "flex" / "chunked" / "dense" force one, false = plain causal across documents (the official recipe; flash kernels)
     doc_mask: bool | str = True
+    attention_chunk: int = 256  # queries per SDPA call of the `chunked` document mask (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         if self.n_query_groups is None:
@@ -48,8 +49,10 @@ class LVMConfig:
             raise UserError(
                 f"lvm config: n_head={self.n_head} is not a multiple of n_query_groups={self.n_query_groups}"
             )
-        if self.doc_mask not in (True, False, "flex", "dense"):
-            raise UserError(f"lvm config: doc_mask={self.doc_mask!r}; choose true, false, 'flex' or 'dense'")
+        if self.doc_mask not in (True, False, "flex", "chunked", "dense"):
+            raise UserError(f"lvm config: doc_mask={self.doc_mask!r}; choose true, false, 'flex', 'chunked' or 'dense'")
+        if self.attention_chunk < 1:
+            raise UserError(f"lvm config: attention_chunk={self.attention_chunk} must be >= 1")
         if self.head_size % 2:
             raise UserError(f"lvm config: head size {self.head_size} must be even for rotary embeddings")
 

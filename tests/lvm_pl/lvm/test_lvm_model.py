@@ -115,6 +115,32 @@ def test_flex_document_mask_equals_the_dense_mask():
         torch.testing.assert_close(flex(idx, doc_ids=doc_ids), dense(idx, doc_ids=doc_ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64, 100])
+def test_chunked_document_mask_trains_like_the_dense_mask(chunk):
+    """Logits and every gradient equal the dense mask's (fp32, 1e-5), for chunks that split documents anywhere."""
+    dense = small_model(doc_mask="dense")
+    chunked = small_model(doc_mask="chunked", attention_chunk=chunk)
+    chunked.load_state_dict(dense.state_dict())
+    idx, doc_ids = packed_batch()
+    outs = []
+    for model in (dense, chunked):
+        logits = model(idx, doc_ids=doc_ids)
+        logits.logsumexp(-1).mean().backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_chunked_mask_skips_the_keys_before_the_earliest_document():
+    from lvm_pl.lvm.model import ChunkedMask
+
+    doc_ids = torch.tensor([[0] * 10 + [1] * 10 + [2] * 12, [0] * 16 + [1] * 16])
+    blocks = [(q0, q1, k0) for q0, q1, k0, _ in ChunkedMask(doc_ids, 8, torch.float32).blocks]
+    # chunk [24, 32): row 0's queries are in document 2 (from 20), row 1's in document 1 (from 16): keys from 16
+    assert blocks == [(0, 8, 0), (8, 16, 0), (16, 24, 10), (24, 32, 16)]
+
+
 def test_doc_mask_false_is_causal_across_documents():
     idx, doc_ids = packed_batch()
     with torch.no_grad():
