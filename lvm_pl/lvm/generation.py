@@ -138,7 +138,7 @@ def generate(
         if f == 0 or context_frames > window:
             context = with_bos(frames[:, -window:], layout)  # [B, L]
             input_pos = torch.arange(context.shape[1], device=device)
-            logits = model(context, input_pos=input_pos)[:, -1]  # [B, V]
+            logits = model(context, input_pos=input_pos, last_only=True)[:, -1]  # [B, V]
             input_pos = input_pos[-1:] + 1  # [1]: the next position to write
             context_frames = min(frames.shape[1], window)
         # the last token of this frame is fed only if the next frame continues this context (no slide)

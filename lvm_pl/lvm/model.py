@@ -100,10 +100,16 @@ class LLaMA(nn.Module):
         return self.layers[0].self_attn.kv_cache is not None
 
     def forward(
-        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V]. `input_pos` [T] (needs a KV cache) are the positions of `idx`; `doc_ids` [B, T] blocks
-        attention between documents packed into one window (positions stay global)."""
+        attention between documents packed into one window (positions stay global); `last_only`: the last position's
+        logits only, [B, 1, V] (a prefill needs no others: the head over every prompt token would cost more than the
+        whole rest of a long prompt's forward at small sizes)."""
         seq_len = idx.shape[1]
         if input_pos is not None:
             if not self.has_kv_cache:
@@ -126,6 +132,8 @@ class LLaMA(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))  # [B, T, V]
 
 

@@ -97,11 +97,12 @@ class PrefillSpy:
         self.model, self.forward = model, model.forward
         model.forward = self
 
-    def __call__(self, idx, input_pos=None, doc_ids=None):
+    def __call__(self, idx, input_pos=None, doc_ids=None, last_only=False):
         if idx.shape[1] > 1 and input_pos is not None:
             self.prefills.append(idx.clone())
             assert torch.equal(input_pos, torch.arange(idx.shape[1]))  # positions restart with the window
-        return self.forward(idx, input_pos=input_pos, doc_ids=doc_ids)
+            assert last_only  # a prefill computes the head at its last position only
+        return self.forward(idx, input_pos=input_pos, doc_ids=doc_ids, last_only=last_only)
 
 
 @pytest.mark.filterwarnings("ignore:.*keeps its last")

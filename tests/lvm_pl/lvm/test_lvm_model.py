@@ -221,3 +221,10 @@ def test_bf16_cuda_cached_decode_and_document_mask_follow_fp32():
         prefill = model(idx[:, :10], input_pos=torch.arange(10, device="cuda")).float()
     torch.testing.assert_close(masked, reference, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(prefill, reference[:, :10], atol=5e-2, rtol=5e-2)
+
+
+def test_last_only_is_the_last_position_of_the_full_logits():
+    model = small_model()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
