@@ -37,10 +37,11 @@ COMMANDS: dict[str, str] = {
     "prompt": "lvm_pl.prompting:prompt",
     "convert-zero": "lvm_pl.interop.zero:convert_zero",
     "demo": "lvm_pl.demo:demo",
+    "tokenize": "lvm_pl.tokenize:tokenize",
 }
 
 # Options that take several values the shell way (`--images a.png b.png`): jsonargparse wants one JSON list
-LIST_OPTIONS: dict[str, tuple[str, ...]] = {"prompt": ("--images",)}
+LIST_OPTIONS: dict[str, tuple[str, ...]] = {"prompt": ("--images",), "tokenize": ("--splits",)}
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -168,6 +169,25 @@ def gather_lists(command: str, args: list[str]) -> list[str]:
     return out
 
 
+def tokenize_args(args: list[str]) -> list[str]:
+    """`tokenize`'s `-c a.yaml` -> `--configs+ a.yaml` (the function's own `--config` is jsonargparse's), and the
+    predict flags it passes on (`--data.*`, `--trainer.*`, `--model.*`) -> `--overrides+ flag`."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] in ("-c", "--config") and i + 1 < len(args):
+            out += ["--configs+", args[i + 1]]
+            i += 2
+            continue
+        if args[i].split(".", 1)[0] in ("--data", "--trainer", "--model"):
+            flag = args[i] if "=" in args[i] or i + 1 >= len(args) else f"{args[i]}={args[i + 1]}"
+            out.append(f"--overrides+={flag}")  # one token: argparse reads a separate `--x` value as an option
+            i += 1 if "=" in args[i] else 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 def fail(err: Exception, args: list[str], command: Callable | None = None) -> None:
     """The one place errors reach the user: a user's mistake is one `error:` line and exit code 2; anything else is
     a bug and keeps its traceback (as does everything with `--debug` or `LVM_PL_DEBUG=1`)."""
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             if command is not None:
                 from jsonargparse import auto_cli
 
-                cmd_args = gather_lists(args[0], args[1:])
+                cmd_args = gather_lists(args[0], tokenize_args(args[1:]) if args[0] == "tokenize" else args[1:])
                 auto_cli(command, args=cmd_args, as_positional=False, exit_on_error=False)
             else:
                 cli(None if argv is None else args)  # None: LightningCLI reads sys.argv (it warns when given both)
