@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "prompt": "lvm_pl.prompting:prompt",
     "convert-zero": "lvm_pl.interop.zero:convert_zero",
     "demo": "lvm_pl.demo:demo",
+    "stream-tokens": "datamodules.stream_tokens:stream_tokens",
 }
 
 # Options that take several values the shell way (`--images a.png b.png`): jsonargparse wants one JSON list
