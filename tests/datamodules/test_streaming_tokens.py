@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_commands
 from helpers import REPO, config, lvm_shape
 from lightning.pytorch.callbacks import Callback
 
@@ -169,35 +172,74 @@ def test_training_resumed_onto_another_number_of_ranks_sees_each_window_once(tmp
     assert sorted(seen) == [16 * w for w in range(84)]  # every window of the epoch once, none twice
 
 
+@pytest.fixture(scope="module")
+def strict_s3():
+    """A moto server that checks credentials (tests/s3_server.py's accepts any): its endpoint, a valid key pair and
+    a client; IAM lets the first 3 requests (user, key, policy) through unsigned."""
+    import boto3
+
+    port = closed_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
+    )
+    iam.create_user(UserName="trainer")
+    key = iam.create_access_key(UserName="trainer")["AccessKey"]
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(policy))
+    keys = {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+    s3.create_bucket(Bucket="strict")
+    yield endpoint, s3
+    server.terminate()
+    server.wait()
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]  # closed once the socket is
 
 
-def test_storage_faults_are_one_line_naming_the_url(tmp_path, s3_server):
+def test_storage_faults_are_one_line_naming_the_url(tmp_path, s3_server, strict_s3):
     src = write_shards(tmp_path / "shards", 20)
     bucket = s3_server.bucket("faults")
+    denied = s3_server.env(AWS_ENDPOINT_URL=strict_s3[0], AWS_ACCESS_KEY_ID="bad", AWS_SECRET_ACCESS_KEY="wrong")
     cases = {
         "missing bucket": ("s3://no-such-bucket-here/tokens", s3_server.env()),
-        "bad credentials": (f"{bucket}/denied", s3_server.env(AWS_SECRET_ACCESS_KEY="wrong", AWS_ACCESS_KEY_ID="bad")),
+        "bad credentials": ("s3://strict/denied", denied),
         "unreachable endpoint": (f"{bucket}/away", s3_server.env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed_port()}")),
     }
-    for name, (url, env) in cases.items():
-        done = main_py("stream-tokens", "--input", str(src), "--output", url, "--seq_len", "16", env=env)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1, (name, done.stderr[-2000:])
-        assert lines[0].startswith("error: ") and url in lines[0], (name, lines)
+    commands = [
+        {
+            "argv": ["stream-tokens", "--input", str(src), "--output", url, "--seq_len", "16"],
+            "cwd": str(tmp_path),
+            "env": env,
+        }
+        for url, env in cases.values()
+    ]
+    never = f"{bucket}/never-written"
+    fit = ["fit", "-c", config("lvm/tiny.yaml"), "-c", config("data/tokens_stream.yaml")]
+    fit += [f"--data.init_args.train={never}", "--data.init_args.val=null"]
+    commands.append({"argv": fit, "cwd": str(tmp_path), "env": s3_server.env()})
+    done = run_commands(commands)
+    for (name, (url, _)), result in zip(list(cases.items()) + [("missing", (never, None))], done, strict=True):
+        errors = [line for line in result["stderr"].splitlines() if line.startswith("error: ")]
+        assert result["rc"] == 2 and len(errors) == 1 and url in errors[0], (name, result["stderr"][-2000:])
+        if name != "missing":
+            assert result["stderr"].strip() == errors[0], (name, result["stderr"][-2000:])  # nothing but the line
     assert s3_server.fs().ls("faults") == []  # nothing partial left
-    done = main_py(
-        "fit",
-        "-c",
-        config("lvm/tiny.yaml"),
-        "-c",
-        config("data/tokens_stream.yaml"),
-        f"--data.init_args.train={bucket}/never-written",
-        "--data.init_args.val=null",
-        env=s3_server.env(),
-    )
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and lines[-1].startswith("error: ") and f"{bucket}/never-written" in lines[-1]
+    assert strict_s3[1].list_objects_v2(Bucket="strict").get("KeyCount") == 0
