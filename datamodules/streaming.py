@@ -96,8 +96,8 @@ class StreamedWindows(Dataset):
                 kwargs = {"cache_dir": os.path.join(self.cache_dir, key), "max_cache_size": self.max_cache_size}
             with stream_store.named_faults(url):
                 dataset = StreamingDataset(url, batch_decode=0, **kwargs)  # items come one by one, not in order
-                dataset[0]  # opens the reader; then whole chunks are fetched into the cache, not each item's bytes
-                dataset.on_demand_bytes = False
+                # a slice read makes litdata fetch whole chunks into the cache from then on, not each item's bytes
+                dataset[:1]
             out.append(dataset)
         return out
 
