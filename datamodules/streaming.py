@@ -79,34 +79,32 @@ class StreamedWindows(Dataset):
     def __init__(self, urls: list[str], seq_len: int, pad_id: int, cache_dir: str, max_cache_size: str) -> None:
         self.urls, self.seq_len, self.pad_id = urls, seq_len, pad_id
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
-        self._datasets: list | None = None
+        self.datasets = [self._open(url) for url in urls]  # here, so workers share the index.json downloaded once
+        self._primed = False
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_datasets": None}  # each worker opens its own readers
+        return {**self.__dict__, "_primed": False}  # litdata readers reopen in each worker
 
-    def _open(self) -> list:
+    def _open(self, url: str):
         from litdata import StreamingDataset
 
         stream_store.allow_plain_http()
-        out = []
-        for url in self.urls:
-            kwargs = {}
-            if stream_store.is_remote(url):  # one cache folder per source: litdata names chunks alike in every one
-                key = hashlib.sha256(url.encode()).hexdigest()[:16]
-                kwargs = {"cache_dir": os.path.join(self.cache_dir, key), "max_cache_size": self.max_cache_size}
-            with stream_store.named_faults(url):
-                dataset = StreamingDataset(url, batch_decode=0, **kwargs)  # items come one by one, not in order
-                # a slice read makes litdata fetch whole chunks into the cache from then on, not each item's bytes
-                dataset[:1]
-            out.append(dataset)
-        return out
+        kwargs = {}
+        if stream_store.is_remote(url):  # one cache folder per source: litdata names chunks alike in every one
+            key = hashlib.sha256(url.encode()).hexdigest()[:16]
+            kwargs = {"cache_dir": os.path.join(self.cache_dir, key), "max_cache_size": self.max_cache_size}
+        with stream_store.named_faults(url):
+            return StreamingDataset(url, batch_decode=0, **kwargs)  # items come one by one, not in chunk order
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
-        if self._datasets is None:
-            self._datasets = self._open()
+        if not self._primed:
+            for url, dataset in zip(self.urls, self.datasets, strict=True):
+                with stream_store.named_faults(url):
+                    dataset[:1]  # a slice read makes litdata fetch whole chunks from then on, not each item's bytes
+            self._primed = True
         source, i = key if isinstance(key, tuple) else (0, key)
         with stream_store.named_faults(self.urls[source]):
-            item = self._datasets[source][int(i)]
+            item = self.datasets[source][int(i)]
         return window_tensors(item, self.seq_len, self.pad_id)
 
 
