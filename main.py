@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "convert-zero": "lvm_pl.interop.zero:convert_zero",
     "demo": "lvm_pl.demo:demo",
     "tokenize": "lvm_pl.tokenize:tokenize",
+    "stream-tokens": "datamodules.stream_tokens:stream_tokens",
 }
 
 # Options that take several values the shell way (`--images a.png b.png`): jsonargparse wants one JSON list

@@ -43,7 +43,8 @@ def repo_root():
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory, repo_root) -> dict:
     """Tiny inputs any config can run on, made once per session through the real CLI:
-    an image folder, a video, a VQGAN checkpoint, token shards (train/val) and an LVM checkpoint."""
+    an image folder, a video, a VQGAN checkpoint, token shards (train/val, and as stream-tokens outputs) and an LVM
+    checkpoint."""
     import av
     import numpy as np
     from PIL import Image
@@ -116,6 +117,10 @@ def tiny_assets(tmp_path_factory, repo_root) -> dict:
                     f"--trainer.callbacks.init_args.output_dir={root / 'shards' / split}",
                 ]
             )
+        from datamodules.stream_tokens import stream_tokens
+
+        for split, windows in (("train", "stream"), ("val", "sentence")):  # configs/data/tokens_stream.yaml's data
+            stream_tokens(str(root / "shards" / split), str(root / "stream" / split), 64, windows=windows)
         run = cli(
             [
                 "fit",
@@ -147,6 +152,7 @@ def tiny_assets(tmp_path_factory, repo_root) -> dict:
         "videos": root / "videos",
         "vqgan_ckpt": vqgan_ckpt,
         "shards": root / "shards",
+        "stream": root / "stream",
         "lvm_ckpt": lvm_ckpt,
         "prompts_file": root / "prompts.yaml",
         "prompts_folder": root / "prompts",

@@ -115,6 +115,8 @@ def workdir(tiny_assets, tmp_path, monkeypatch):
         "data/tokens/test": tiny_assets["shards"] / "val",
         "data/tokens_long/train": tiny_assets["shards"] / "train",  # configs/demo/lvm_long.yaml's shards
         "data/tokens_long/val": tiny_assets["shards"] / "val",
+        "data/stream/train": tiny_assets["stream"] / "train",  # configs/data/tokens_stream.yaml's
+        "data/stream/val": tiny_assets["stream"] / "val",
         "data/images": tiny_assets["folder"],
         "data/videos": tiny_assets["videos"],
         "prompts.yaml": tiny_assets["prompts_file"],
