@@ -6,7 +6,9 @@ same rotate-half layout on the full head, so converting weights either way is a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,21 @@ class LLaMA(nn.Module):
         """Drop the caches (training and plain forwards do not use them)."""
         for block in self.layers:
             block.self_attn.kv_cache = None
+
+    @contextlib.contextmanager
+    def fused_projections(self, on: bool = True) -> Iterator[None]:
+        """Inside: q/k/v and gate/up weights stacked, one matmul each instead of five (a decode step is bound by
+        per-op overhead). Copies, made on entry and dropped on exit (the weights may change between calls): about
+        70% of the weights' memory again while inside. Not under ZeRO-3 (weights partitioned away: left unfused)."""
+        on = on and all(p.numel() for p in self.parameters())
+        modules = [m for block in self.layers for m in (block.self_attn, block.mlp)]
+        try:
+            for m in modules:
+                m.fuse(on)
+            yield
+        finally:
+            for m in modules:
+                m.fuse(False)
 
     def rope(self, pos: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, head_size] at positions `pos` [T] (an int T: positions 0..T-1, a view of the table)."""
@@ -171,6 +188,11 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, groups * hs, bias=False)
         self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
         self.kv_cache: KVCache | None = None
+        self.fused: torch.Tensor | None = None  # q, k, v weights stacked while `fused_projections` is on
+
+    def fuse(self, on: bool) -> None:
+        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        self.fused = torch.cat(weights).detach() if on else None
 
     def forward(
         self,
@@ -181,10 +203,16 @@ class CausalSelfAttention(nn.Module):
         input_pos: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # [B, nh, T, hs]
-        k = self.k_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # [B, ng, T, hs]
-        v = self.v_proj(x).view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
+        if self.fused is not None:  # one matmul and one rotation for q and k together
+            qkv = F.linear(x, self.fused).view(B, T, nh + 2 * ng, hs).transpose(1, 2)  # [B, nh + 2ng, T, hs]
+            q, k = apply_rope(qkv[:, : nh + ng], cos, sin).split([nh, ng], dim=1)
+            v = qkv[:, nh + ng :]
+        else:
+            q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # [B, nh, T, hs]
+            k = self.k_proj(x).view(B, T, ng, hs).transpose(1, 2)  # [B, ng, T, hs]
+            v = self.v_proj(x).view(B, T, ng, hs).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)  # [B, ng, S, hs]: everything cached so far
             if mask is None:  # one eager decode token: the filled prefix only, every position of it visible
@@ -213,8 +241,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.fused: torch.Tensor | None = None  # gate and up weights stacked while `fused_projections` is on
+
+    def fuse(self, on: bool) -> None:
+        self.fused = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach() if on else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -227,8 +262,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)  # one op, not five: decoding is op-bound
         return self.weight * normed.to(x.dtype)
 
 

@@ -218,3 +218,23 @@ def test_cuda_graph_decode_step_and_bf16_cache_on_gpu():
     half = tiny_model().cuda().to(torch.bfloat16)
     out = generate(half, prompt, 2, LAYOUT, GenerationSettings(temperature=1.0, top_p=0.9), torch.Generator("cuda"))
     assert out.shape == (2, 2, LAYOUT.tokens_per_image) and LAYOUT.is_codebook(out).all()
+
+
+@pytest.mark.parametrize("n_query_groups", [4, 2])
+def test_fused_projections_give_the_unfused_logits_and_follow_weight_updates(n_query_groups):
+    model = tiny_model(n_query_groups=n_query_groups)
+    idx = with_bos(prompts(2, 3), LAYOUT)
+    plain = model(idx)
+    with model.fused_projections():
+        assert all(b.self_attn.fused is not None and b.mlp.fused is not None for b in model.layers)
+        torch.testing.assert_close(model(idx), plain, rtol=1e-5, atol=1e-5)
+    assert all(b.self_attn.fused is None and b.mlp.fused is None for b in model.layers)
+    settings = GenerationSettings(temperature=0)
+    before = generate(model, prompts(2, 2), 2, LAYOUT, settings)
+    with torch.no_grad():  # a training step between two calls: the second must see the new weights
+        for block in model.layers:
+            block.self_attn.v_proj.weight.mul_(-3.0)
+            block.mlp.up_proj.weight.mul_(2.0)
+    after = generate(model, prompts(2, 2), 2, LAYOUT, settings)
+    reference = generate(model, prompts(2, 2), 2, LAYOUT, GenerationSettings(temperature=0, fuse_projections=False))
+    assert torch.equal(after, reference) and not torch.equal(before, after)
