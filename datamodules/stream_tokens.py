@@ -2,10 +2,13 @@
 
 Windows, not sentences, are what is stored: a window is the unit training draws, so a streamed epoch is a shuffle of
 fixed-size items (no packing state to carry across chunks, ranks or a resume), and each item keeps what the doc mask
-needs. An item is `tokens` (the window's stream tokens [n + 1], the shards' dtype), `starts` (int32 offsets inside the
-window where a sentence begins, after 0: `doc_ids` = their running count) and `position` (its first token's place in
-the split's stream). Next to litdata's `index.json` and chunks, `sentences.npz` (every sentence's start and kind, for
-evaluation) and `lvm-tokens.json` (layout, window length, counts), written last: a directory without it is not read.
+needs. An item is one flat array of the shards' dtype and fixed width (`packed_width`), read through litdata's
+`TokensLoader` (a memory map of each cached chunk: litdata's per-item pytree path reads the whole chunk file per item
+once it came from object storage, ~100x slower): the window's T + 1 stream tokens (padded after a short tail), then,
+as raw bytes, one bit per position marking where a sentence begins (after 0: `doc_ids` = their running count), the
+window's first token's place in the split's stream and its token count (int64 each). Next to litdata's `index.json`
+and chunks, `sentences.npz` (every sentence's start and kind, for evaluation) and `lvm-tokens.json` (layout, window
+length, item width, counts), written last: a directory without it is not read.
 """
 
 from __future__ import annotations
@@ -24,32 +27,56 @@ from datamodules.tokens import TokenStream, sentence_windows, stream_windows
 from lvm_pl import shards
 from lvm_pl.atomic import atomic_dir
 from lvm_pl.console import UserError, say
+from lvm_pl.tokens import TokenLayout
 
-FORMAT, VERSION = "lvm-pl-stream-tokens", 1
+FORMAT, VERSION = "lvm-pl-stream-tokens", 2
 MARKER, SENTENCES = "lvm-tokens.json", "sentences.npz"
 WINDOWS_PER_TASK = 4096  # windows one optimize task yields; tasks are what litdata spreads over its workers
 
 
-def window_item(stream: TokenStream, start: int, length: int) -> dict:
-    """The stored form of the window of `length` stream tokens from `start` (see the module docstring)."""
+def packed_width(seq_len: int, dtype: np.dtype) -> int:
+    """Elements of one stored window of `dtype`: T + 1 tokens, then T start bits and two int64s as raw bytes."""
+    extra = (seq_len + 7) // 8 + 16
+    return seq_len + 1 + -(-extra // np.dtype(dtype).itemsize)
+
+
+def pack_window(tokens: np.ndarray, starts: np.ndarray, position: int, seq_len: int, pad_id: int) -> np.ndarray:
+    """The stored form of a window: `tokens` [n + 1 <= T + 1], sentence `starts` inside it, its stream `position`."""
+    out = np.zeros(packed_width(seq_len, tokens.dtype), dtype=tokens.dtype)
+    out[: len(tokens)], out[len(tokens) : seq_len + 1] = tokens, pad_id
+    marks = np.zeros(seq_len, dtype=bool)
+    marks[starts] = True
+    tail = np.concatenate([np.packbits(marks), np.asarray([position, len(tokens)], dtype="<i8").view(np.uint8)])
+    out[seq_len + 1 :].view(np.uint8)[: len(tail)] = tail
+    return out
+
+
+def unpack_window(item: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """`pack_window`'s inverse: the window's tokens [n + 1], its start marks [T] (bool) and its position."""
+    raw = np.ascontiguousarray(item[seq_len + 1 :]).view(np.uint8)
+    nbits = (seq_len + 7) // 8
+    marks = np.unpackbits(raw[:nbits], count=seq_len).astype(bool)
+    position, length = raw[nbits : nbits + 16].view("<i8")
+    return item[:length], marks, int(position)
+
+
+def window_item(stream: TokenStream, start: int, length: int, seq_len: int, pad_id: int) -> np.ndarray:
+    """The stored window of `length` stream tokens from `start` (see the module docstring)."""
     s = stream.sentence_starts
     inside = s[np.searchsorted(s, start, side="right") : np.searchsorted(s, start + length - 1, side="left")]
-    return {
-        "tokens": stream.read(start, start + length).astype(stream.dtypes[0]),
-        "starts": (inside - start).astype(np.int32),
-        "position": int(start),
-    }
+    tokens = stream.read(start, start + length).astype(stream.dtypes[0])
+    return pack_window(tokens, inside - start, start, seq_len, pad_id)
 
 
 class WindowTask:
     """litdata's `fn`: task (first, last) window numbers -> their stored items (a generator: many items a task)."""
 
-    def __init__(self, stream: TokenStream, starts: np.ndarray, lengths: np.ndarray) -> None:
-        self.stream, self.starts, self.lengths = stream, starts, lengths
+    def __init__(self, stream: TokenStream, starts: np.ndarray, lengths: np.ndarray, seq_len: int, pad_id: int) -> None:
+        self.stream, self.starts, self.lengths, self.seq_len, self.pad_id = stream, starts, lengths, seq_len, pad_id
 
     def __call__(self, task: tuple[int, int]):
         for w in range(*task):
-            yield window_item(self.stream, int(self.starts[w]), int(self.lengths[w]))
+            yield window_item(self.stream, int(self.starts[w]), int(self.lengths[w]), self.seq_len, self.pad_id)
 
 
 def stream_tokens(
@@ -92,6 +119,8 @@ def stream_tokens(
         "version": VERSION,
         "layout": manifest.layout.to_dict(),
         "seq_len": seq_len,
+        "item_width": packed_width(seq_len, stream.dtypes[0]),
+        "dtype": np.dtype(stream.dtypes[0]).name,
         "windows": windows,
         "tail": tail,
         "num_windows": len(starts),
@@ -120,10 +149,12 @@ def _refuse_existing(output: str) -> None:
 
 def _write(directory: Path, stream: TokenStream, starts, lengths, meta: dict, chunk_bytes: str, workers: int) -> None:
     import litdata
+    from litdata.streaming.item_loader import TokensLoader
 
     tasks = [(a, min(a + WINDOWS_PER_TASK, len(starts))) for a in range(0, len(starts), WINDOWS_PER_TASK)]
     litdata.optimize(
-        fn=WindowTask(stream, starts, lengths),
+        fn=WindowTask(stream, starts, lengths, meta["seq_len"], TokenLayout.from_dict(meta["layout"]).pad_id),
+        item_loader=TokensLoader(),
         inputs=tasks,
         output_dir=str(directory),
         chunk_bytes=chunk_bytes,

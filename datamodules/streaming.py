@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules import stream_store
 from datamodules.mix_plan import MixOrder
 from datamodules.order import OrderSampler, TrainLoader
-from datamodules.stream_tokens import FORMAT, MARKER, SENTENCES, VERSION
+from datamodules.stream_tokens import FORMAT, MARKER, SENTENCES, VERSION, unpack_window
 from datamodules.tokens import collate_windows
 from lvm_pl.batches import IGNORE_INDEX
 from lvm_pl.console import UserError, say
@@ -31,13 +31,12 @@ from lvm_pl.stage_data import SentenceIndex, StageData
 from lvm_pl.tokens import TokenLayout
 
 
-def window_tensors(item: dict, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """A stored window -> the dict of [T] tensors `PackedWindows` yields (padding after a short tail)."""
-    window = np.asarray(item["tokens"]).astype(np.int64)
+def window_tensors(item: np.ndarray, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A stored window (`pack_window`) -> the [T] tensors `PackedWindows` yields (padding after a short tail)."""
+    tokens, marks, position = unpack_window(item, seq_len)
+    window = tokens.astype(np.int64)
     n = len(window) - 1
-    marks = np.zeros(seq_len, dtype=np.int64)
-    marks[np.asarray(item["starts"], dtype=np.int64)] = 1
-    doc_ids = np.cumsum(marks)
+    doc_ids = np.cumsum(marks, dtype=np.int64)
     input_ids = np.full(seq_len, pad_id, dtype=np.int64)
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
     input_ids[:n], labels[:n] = window[:-1], window[1:]
@@ -46,7 +45,7 @@ def window_tensors(item: dict, seq_len: int, pad_id: int) -> dict[str, torch.Ten
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "doc_ids": torch.from_numpy(doc_ids),
-        "position": int(item["position"]),
+        "position": position,
     }
 
 
@@ -60,7 +59,7 @@ class StreamedSource:
             raise UserError(f"{stream_store.join(url, MARKER)}: not a version {VERSION} {FORMAT} file")
         self.meta = meta
         self.layout = TokenLayout.from_dict(meta["layout"])
-        self.seq_len = int(meta["seq_len"])
+        self.seq_len, self.item_width = int(meta["seq_len"]), int(meta["item_width"])
         index = stream_store.read_json(stream_store.join(url, "index.json"))
         self.chunk_sizes = [int(c["chunk_size"]) for c in index["chunks"]]
         if sum(self.chunk_sizes) != meta["num_windows"]:
@@ -76,17 +75,19 @@ class StreamedSource:
 class StreamedWindows(Dataset):
     """Windows of several `StreamedSource`s: item (source, i) (or i: source 0) is a dict of [T] tensors."""
 
-    def __init__(self, urls: list[str], seq_len: int, pad_id: int, cache_dir: str, max_cache_size: str) -> None:
-        self.urls, self.seq_len, self.pad_id = urls, seq_len, pad_id
+    def __init__(self, sources: list[StreamedSource], pad_id: int, cache_dir: str, max_cache_size: str) -> None:
+        self.urls, self.seq_len, self.pad_id = [s.url for s in sources], sources[0].seq_len, pad_id
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
-        self.datasets = [self._open(url) for url in urls]  # here, so workers share the index.json downloaded once
+        # opened here, so workers share the index.json downloaded once
+        self.datasets = [self._open(s.url, s.item_width) for s in sources]
         self._primed = False
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_primed": False}  # litdata readers reopen in each worker
 
-    def _open(self, url: str):
+    def _open(self, url: str, width: int):
         from litdata import StreamingDataset
+        from litdata.streaming.item_loader import TokensLoader
 
         stream_store.allow_plain_http()
         kwargs = {}
@@ -94,7 +95,7 @@ class StreamedWindows(Dataset):
             key = hashlib.sha256(url.encode()).hexdigest()[:16]
             kwargs = {"cache_dir": os.path.join(self.cache_dir, key), "max_cache_size": self.max_cache_size}
         with stream_store.named_faults(url):
-            return StreamingDataset(url, batch_decode=0, **kwargs)  # items come one by one, not in chunk order
+            return StreamingDataset(url, item_loader=TokensLoader(block_size=width), **kwargs)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
         if not self._primed:
@@ -174,12 +175,10 @@ class StreamingTokenDataModule(LightningDataModule, StageData):
         for split in wanted:
             if split in self.datasets or not self.sources[split]:
                 continue
-            urls = [s.url for s in self.sources[split]]
-            self.datasets[split] = StreamedWindows(
-                urls, self.seq_len, self.layout.pad_id, self.cache_dir, self.max_cache_size
-            )
-            windows = sum(s.meta["num_windows"] for s in self.sources[split])
-            say(f"{split}: {windows} windows of {self.seq_len} from {len(urls)} source(s)")
+            sources = self.sources[split]
+            self.datasets[split] = StreamedWindows(sources, self.layout.pad_id, self.cache_dir, self.max_cache_size)
+            windows = sum(s.meta["num_windows"] for s in sources)
+            say(f"{split}: {windows} windows of {self.seq_len} from {len(sources)} source(s)")
         if stage == "fit" and "train" not in self.datasets:
             raise UserError("data.train: fitting needs train stream-tokens outputs")
 

@@ -35,6 +35,12 @@ REVIEWED = {
     ): "same temporary directory",
     ("lvm_pl/interop/diffusers_vq.py", "ref.save_pretrained(tmp, safe_serialization=True)"): "the temporary "
     "directory of atomic_dir",
+    (
+        "datamodules/stream_tokens.py",
+        "np.savez(directory / SENTENCES, starts=stream.sentence_starts, kind=codes, "
+        "kinds=np.asarray(kinds, dtype=str))",
+    ): "into the temporary directory of atomic_dir (or a TemporaryDirectory uploaded marker-last)",
+    ("datamodules/stream_tokens.py", "(directory / MARKER).write_text(json.dumps(meta, indent=1))"): "same directory",
     ("callbacks/token_writer.py", 'with os.fdopen(fd, "w") as f:'): "lock file made by O_CREAT|O_EXCL; readers "
     "treat a half-written one as a dead owner's",
     ("callbacks/token_writer.py", "json.dump(me, f)"): "the same lock file",
