@@ -20,13 +20,13 @@ from lvm_pl.atomic import StorageError
 from lvm_pl.console import UserError, progress, say, warn
 from lvm_pl.kinds import KINDS
 
-INDEX_NAME = ".lvm-folder-index.npy"
+INDEX_NAME = ".lvm-index/folder.npy"  # in a folder of its own: writing it leaves the root's time alone
 
 
 class FolderSource(SentenceSource):
     """Sentences from image files on disk, split by a seeded hash of each sentence's name (stable as files are added).
 
-    The listing is cached in `index_path` (default `<root>/.lvm-folder-index.npy`): rank 0 builds it, the other ranks
+    The listing is cached in `index_path` (default `<root>/.lvm-index/folder.npy`): rank 0 builds it, the other ranks
     wait and map it; it is rebuilt when the root or a sentence folder changed after it was written, or with `reindex`.
     Bad files (corrupt, truncated, empty, not images, over Pillow's pixel limit) are skipped with one warning counting
     them, or raise naming the path when `strict`. `verify: true` decodes every image once (JPEGs at 1/8 scale) while
@@ -97,11 +97,20 @@ class FolderSource(SentenceSource):
         index = None if self.reindex else is_fresh(self.index_path, root, verified=self.verify is True)
         if index is not None:
             return index
+        try:  # before listing: making the index's folder changes the root
+            self.index_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            fault = StorageError(f"{self.index_path.parent}: cannot make the folder index's folder ({err.strerror})")
+        else:
+            fault = None
         index = scan(root, KINDS.index("single"), self._find_bad if self.verify is True else None)
         try:
-            index.save(self.index_path)
+            if fault is None:
+                index.save(self.index_path)
         except StorageError as err:
-            warn(f"{err}: the folder index stays in memory, listed by every process; set data.source.index_path")
+            fault = err
+        if fault is not None:
+            warn(f"{fault}: the folder index stays in memory, listed by every process; set data.source.index_path")
         return index
 
     def _read_manifest(self) -> FolderIndex:

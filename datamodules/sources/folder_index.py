@@ -29,9 +29,9 @@ FIELDS = ("names", "name_offsets", "paths", "path_offsets", "image_starts", "kin
 SOURCE_KIND = 255  # a sentence folder: the kind the source is configured with, not fixed in the index
 
 
-def natural_key(name: str) -> list:
-    """Sort key that puts frame2 before frame10."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+def natural_key(path: str | os.PathLike) -> list:
+    """Sort key on a file's name that puts frame2 before frame10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", os.path.basename(path))]
 
 
 def pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +147,7 @@ def is_fresh(path: Path, root: Path, verified: bool) -> FolderIndex | None:
     if header.get("version") != VERSION or header.get("root") != str(root) or (verified and not header["verified"]):
         return None
     mtime = root.stat().st_mtime_ns
-    # writing the index into the root set the root's time to the index's (both from one rename)
+    # an index written straight into the root set the root's time to its own (both from one rename)
     if mtime != header["root_mtime_ns"] and not (path.parent.resolve() == root and mtime == written):
         return None
     folders = np.flatnonzero(index.kinds == SOURCE_KIND)  # a loose image's changes show on the root
@@ -164,7 +164,7 @@ def scan(root: Path, kind_single: int, check: Check | None) -> FolderIndex:
     names, paths, kinds, mtimes, skipped = [], [], [], [], []
     root_mtime = root.stat().st_mtime_ns
     with os.scandir(root) as entries:
-        for entry in sorted(progress(entries, f"listing {root}"), key=lambda e: natural_key(e.name)):
+        for entry in sorted(progress(entries, f"listing {root}"), key=natural_key):
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
