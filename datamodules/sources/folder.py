@@ -5,6 +5,7 @@ A folder is listed once into an index file (`folder_index.py`) that every rank a
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +15,8 @@ import numpy as np
 import torch.distributed as dist
 
 from datamodules.imageio import BadImage, check_image, load_rgb
-from datamodules.sources.base import SentenceSource, VisualSentence, partition_arrays, stable_fraction
-from datamodules.sources.folder_index import FolderIndex, drop_bad, is_fresh, scan
+from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence, partition_arrays, stable_fraction
+from datamodules.sources.folder_index import FolderIndex, drop_bad, is_fresh, read_arrays, scan, write_arrays
 from lvm_pl.atomic import StorageError
 from lvm_pl.console import UserError, progress, say, warn
 from lvm_pl.kinds import KINDS
@@ -66,31 +67,56 @@ class FolderSource(SentenceSource):
 
     def setup(self, image_size: int, seed: int) -> None:
         self.image_size = image_size
-        self.index = self._read_manifest() if self.manifest else self._shared_index()
+        if self.manifest:
+            self.index = self._read_manifest()
+            self.splits = self._partition(self.index, seed)
+        else:
+            self.index, self.splits = self._shared(seed)
         if not len(self.index):
-            raise UserError(
-                f"{self.manifest or self.root}: no sentences found (expected image files or sentence folders)"
-            )
+            where = self.manifest or self.root
+            raise UserError(f"{where}: no sentences found (expected image files or sentence folders)")
         self._report_listing(self.index.header)
         if self.verify is not True and self.verify:
             self._verify_sample(int(self.verify), seed)
-        fractions = np.fromiter((stable_fraction(self.index.name(s), seed) for s in range(len(self.index))), np.float64)
-        self.splits = partition_arrays(fractions, self.val_fraction, self.test_fraction)
         say(
             f"folder {self.root}: {len(self.index)} sentences, "
             + ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
         )
 
-    def _shared_index(self) -> FolderIndex:
-        """Rank 0 makes sure a fresh index is on disk; the others then map it (or list themselves, when it is not
-        reachable from their machine or could not be written)."""
+    def _shared(self, seed: int) -> tuple[FolderIndex, dict[str, np.ndarray]]:
+        """Index and splits: rank 0 makes sure fresh ones are on disk, the others then map them (or list themselves,
+        when they are not reachable from their machine or could not be written)."""
         if not self.root.is_dir():
             raise UserError(f"data.source.root: {self.root} is not a folder")
         distributed = dist.is_available() and dist.is_initialized()
-        index = self._fresh_index() if not distributed or dist.get_rank() == 0 else None
+        first = None if distributed and dist.get_rank() != 0 else self._fresh(seed)
         if distributed:
             dist.barrier()
-        return index or self._fresh_index()
+        return first or self._fresh(seed)
+
+    def _fresh(self, seed: int) -> tuple[FolderIndex, dict[str, np.ndarray]]:
+        index = self._fresh_index()
+        return index, self._fresh_splits(index, seed)
+
+    def _partition(self, index: FolderIndex, seed: int) -> dict[str, np.ndarray]:
+        fractions = np.fromiter((stable_fraction(n, seed) for n in index.iter_names()), np.float64, len(index))
+        return partition_arrays(fractions, self.val_fraction, self.test_fraction)
+
+    def _fresh_splits(self, index: FolderIndex, seed: int) -> dict[str, np.ndarray]:
+        """The splits of `index` by `seed`, cached beside it (hashing every name is the one pass left per setup)."""
+        if index.file is None:
+            return self._partition(index, seed)
+        key = {"index_written": index.file.stat().st_ctime_ns, "seed": seed}
+        key |= {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+        path = index.file.with_name(f"splits-{seed}-{self.val_fraction}-{self.test_fraction}.npy")
+        with contextlib.suppress(OSError, ValueError):
+            header, arrays = read_arrays(path)
+            if header == key and len(arrays) == len(SPLITS):
+                return dict(zip(("test", "val", "train"), arrays, strict=True))
+        splits = self._partition(index, seed)
+        with contextlib.suppress(StorageError):  # the index beside it could be written: only a fault since
+            write_arrays(path, key, [splits[k] for k in ("test", "val", "train")])
+        return splits
 
     def _fresh_index(self) -> FolderIndex:
         root = self.root.resolve()

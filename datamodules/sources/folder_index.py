@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ VERSION = 1
 # which of n images (given lazily) are bad, bool [n], and the first one's error
 Check = Callable[[Iterator[Path], int], tuple[np.ndarray, str | None]]
 FIELDS = ("names", "name_offsets", "paths", "path_offsets", "image_starts", "kinds", "mtimes")
+NAMES_CHUNK = 1 << 20  # names decoded at a time while hashing them: bounds the memory of a pass
 SOURCE_KIND = 255  # a sentence folder: the kind the source is configured with, not fixed in the index
 
 
@@ -107,33 +109,55 @@ class FolderIndex:
                            kept_before[self.image_starts], self.kinds, self.mtimes)  # fmt: skip
 
     def save(self, path: Path) -> None:
-        """Write atomically to `path` (header first, then the arrays)."""
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.lib.format.write_array(f, np.frombuffer(json.dumps(self.header).encode(), np.uint8))
-            for name in FIELDS:
-                np.lib.format.write_array(f, np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
+        """Write atomically to `path`."""
+        write_arrays(path, self.header, [getattr(self, name) for name in FIELDS])
         self.file = path
 
     @classmethod
     def load(cls, path: Path) -> FolderIndex:
-        """Memory-map the index at `path` (raises OSError/ValueError when it is not one)."""
-        arrays = []
-        with open(path, "rb") as f:
-            for _ in range(len(FIELDS) + 1):
-                major, _minor = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-                offset, size = f.tell(), int(np.prod(shape)) * dtype.itemsize
-                arrays.append(np.memmap(path, dtype, "r", offset, shape) if size else np.zeros(shape, dtype))
-                f.seek(offset + size)
-        header = json.loads(bytes(arrays[0]).decode())
-        return cls(header, *arrays[1:], file=path)
+        """Map the index at `path` (raises OSError/ValueError when it is not one)."""
+        header, arrays = read_arrays(path)
+        if len(arrays) != len(FIELDS):
+            raise ValueError(f"{path}: {len(arrays)} arrays, not a folder index")
+        return cls(header, *arrays, file=path)
+
+    def iter_names(self) -> Iterator[str]:
+        """Every sentence name in order, decoded a chunk at a time (never a list of them all)."""
+        for a in range(0, len(self), NAMES_CHUNK):
+            offsets = self.name_offsets[a : min(a + NAMES_CHUNK, len(self)) + 1].tolist()
+            blob = self.names[offsets[0] : offsets[-1]].tobytes()
+            yield from (blob[x - offsets[0] : y - offsets[0]].decode() for x, y in pairwise(offsets))
 
     def __reduce__(self):
         # a DataLoader worker started by spawn maps the file again rather than receiving a copy of it
         if self.file is not None:
             return FolderIndex.load, (self.file,)
         return super().__reduce__()
+
+
+def write_arrays(path: Path, header: dict, arrays: list[np.ndarray]) -> None:
+    """Write `header` (JSON) and `arrays` to `path` atomically, as consecutive `.npy` records."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for array in [np.frombuffer(json.dumps(header).encode(), np.uint8), *arrays]:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def read_arrays(path: Path) -> tuple[dict, list[np.ndarray]]:
+    """`write_arrays`'s header and arrays, the arrays memory-mapped read-only (as plain ndarray views)."""
+    arrays = []
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        while f.tell() < end:
+            major, _minor = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            offset, size = f.tell(), int(np.prod(shape)) * dtype.itemsize
+            mapped = np.memmap(path, dtype, "r", offset, shape).view(np.ndarray) if size else np.zeros(shape, dtype)
+            arrays.append(mapped)  # a view: indexing a np.memmap subclass costs microseconds a call
+            f.seek(offset + size)
+    if not arrays:
+        raise ValueError(f"{path}: empty")
+    return json.loads(arrays[0].tobytes().decode()), arrays[1:]
 
 
 def is_fresh(path: Path, root: Path, verified: bool) -> FolderIndex | None:

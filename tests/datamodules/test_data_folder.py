@@ -254,7 +254,7 @@ def test_the_index_is_reused_and_rebuilt_when_the_tree_changes(tree):
     (tree / "clip" / "1.jpg").write_bytes(b"not a jpeg any more")
     again = set_up(tree)
     assert index.stat().st_mtime_ns == written and listing(again) == listing(first)
-    assert counts_of(again) == {"seq": 3, "clip": 3, "loose.png": 1} and isinstance(again.index.paths, np.memmap)
+    assert counts_of(again) == {"seq": 3, "clip": 3, "loose.png": 1} and isinstance(again.index.paths.base, np.memmap)
     solid(30).save(tree / "seq" / "f3.png")  # a file added to a sentence folder
     with pytest.warns(UserWarning, match="skipped 1 unreadable images"):
         grown = set_up(tree)
@@ -277,7 +277,7 @@ def test_index_path_elsewhere_and_a_spawned_worker_maps_it_again(tree, tmp_path)
     src = set_up(tree, index_path=str(tmp_path / "idx" / "tree.npy"))
     assert (tmp_path / "idx" / "tree.npy").is_file() and not (tree / INDEX_NAME).exists()
     copy = pickle.loads(pickle.dumps(src))
-    assert isinstance(copy.index.paths, np.memmap) and listing(copy) == listing(src)
+    assert isinstance(copy.index.paths.base, np.memmap) and listing(copy) == listing(src)
     assert np.array_equal(copy.sentence(*where(copy, "seq")).images, src.sentence(*where(src, "seq")).images)
 
 
@@ -302,3 +302,9 @@ def test_sampled_verification_then_bad_images_skipped_and_counted_while_loading(
     with pytest.raises(UserError, match=r"bad image \(strict: true\): .*(zero.png|garbage.jpg|truncated)"):
         (tree / "seq" / "notes.txt").unlink()
         FolderSource(str(tree), strict=True, verify=100).setup(12, 0)
+
+
+def test_an_index_that_cannot_be_written_stays_in_memory(tree):
+    with pytest.warns(UserWarning, match=r"loose.png: cannot make the folder index's folder .* stays in memory"):
+        src = set_up(tree, index_path=str(tree / "loose.png" / "index.npy"))
+    assert src.index.file is None and counts_of(src) == {"seq": 3, "clip": 3, "loose.png": 1}
