@@ -9,6 +9,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from lvm_pl.atomic import StorageError
 from lvm_pl.console import UserError, progress, say, warn
 from lvm_pl.kinds import KINDS
 
+VERIFY_CHUNK = 4096  # images decoded between two looks at the results: bounds verification's memory
 INDEX_NAME = ".lvm-index/folder.npy"  # in a folder of its own: writing it leaves the root's time alone
 
 
@@ -171,10 +173,16 @@ class FolderSource(SentenceSource):
     def _find_bad(self, paths: Iterator[Path], n: int) -> tuple[np.ndarray, str | None]:
         """Decode `n` images from a thread pool (PIL releases the GIL), with a progress bar: which are bad, and the
         first one's error."""
+        bad, first, done = np.zeros(n, bool), None, 0
         with ThreadPoolExecutor(self.verify_threads) as pool:
-            errors = list(progress(pool.map(self._error_of, paths), f"verifying {n} images", total=n))
-        bad = np.array([e is not None for e in errors], bool)
-        return bad, next((e for e in errors if e is not None), None)
+            # a chunk at a time: `map` submits everything it is given at once, a future per image
+            chunks = iter(lambda: list(islice(paths, VERIFY_CHUNK)), [])
+            for chunk in progress(chunks, f"verifying {n} images ({VERIFY_CHUNK} a step)", -(-n // VERIFY_CHUNK)):
+                errors = list(pool.map(self._error_of, chunk))
+                bad[done : done + len(chunk)] = [e is not None for e in errors]
+                first = first or next((e for e in errors if e is not None), None)
+                done += len(chunk)
+        return bad, first
 
     def _verify_sample(self, count: int, seed: int) -> None:
         """Decode `count` images drawn by `seed` (the same ones in every rank), to find a bad corpus early."""
