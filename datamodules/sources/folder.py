@@ -91,13 +91,13 @@ class FolderSource(SentenceSource):
         if not self.root.is_dir():
             raise UserError(f"data.source.root: {self.root} is not a folder")
         distributed = dist.is_available() and dist.is_initialized()
-        first = None if distributed and dist.get_rank() != 0 else self._fresh(seed)
+        first = None if distributed and dist.get_rank() != 0 else self._fresh(seed, self.reindex)
         if distributed:
             dist.barrier()
-        return first or self._fresh(seed)
+        return first or self._fresh(seed, reindex=False)  # `reindex` asks for one rebuild, rank 0's
 
-    def _fresh(self, seed: int) -> tuple[FolderIndex, dict[str, np.ndarray]]:
-        index = self._fresh_index()
+    def _fresh(self, seed: int, reindex: bool) -> tuple[FolderIndex, dict[str, np.ndarray]]:
+        index = self._fresh_index(reindex)
         return index, self._fresh_splits(index, seed)
 
     def _partition(self, index: FolderIndex, seed: int) -> dict[str, np.ndarray]:
@@ -120,9 +120,9 @@ class FolderSource(SentenceSource):
             write_arrays(path, key, [splits[k] for k in ("test", "val", "train")])
         return splits
 
-    def _fresh_index(self) -> FolderIndex:
+    def _fresh_index(self, reindex: bool) -> FolderIndex:
         root = self.root.resolve()
-        index = None if self.reindex else is_fresh(self.index_path, root, verified=self.verify is True)
+        index = None if reindex else is_fresh(self.index_path, root, verified=self.verify is True)
         if index is not None:
             return index
         try:  # before listing: making the index's folder changes the root
