@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.imageio import IMAGE_EXTENSIONS, BadImage, fit_image, load_rgb
 from datamodules.sentences import VisualSentenceDataModule
 from datamodules.sources.base import SentenceSource
-from datamodules.sources.folder import natural_key
+from datamodules.sources.folder_index import natural_key
 from lvm_pl.batches import PromptBatch, pad_stacks
 from lvm_pl.console import UserError, say
 from lvm_pl.images import to_tensor

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 log = logging.getLogger("lvm_pl")
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -23,3 +26,15 @@ def warn(message: str) -> None:
     from lightning.pytorch.utilities import rank_zero_warn
 
     rank_zero_warn(f"[lvm-pl] {message}")
+
+
+PROGRESS_DELAY_S = 3.0  # a bar appears only for work that takes longer than this
+
+
+def progress(items: Iterable[T], what: str, total: int | None = None) -> Iterator[T]:
+    """`items`, with a progress bar (tqdm, rank zero only) once iterating them has taken over a few seconds."""
+    from lightning.pytorch.utilities import rank_zero_only
+    from tqdm import tqdm
+
+    bar = tqdm(items, desc=f"[lvm-pl] {what}", total=total, delay=PROGRESS_DELAY_S, disable=rank_zero_only.rank != 0)
+    return iter(bar)

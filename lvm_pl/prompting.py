@@ -16,7 +16,7 @@ from pathlib import Path
 
 from datamodules.imageio import IMAGE_EXTENSIONS, BadImage, check_image
 from datamodules.prompts import Prompt, PromptDataset, collate_prompts
-from datamodules.sources.folder import natural_key
+from datamodules.sources.folder_index import natural_key
 from lvm_pl.console import UserError, say, warn
 from lvm_pl.lvm.generation import GenerationSettings, window_frames
 

@@ -58,6 +58,10 @@ class SentenceSource(ABC):
     def sentence(self, split: str, index: int) -> VisualSentence:
         """Sentence `index` of `split`; images may be any size (the DataModule resizes and crops them)."""
 
+    def image_counts(self, split: str) -> np.ndarray:
+        """`num_images` of every sentence of `split`, int64 [n]; sources with an index answer without a loop."""
+        return np.array([self.num_images(split, i) for i in range(self.split_size(split))], np.int64)
+
     def image(self, split: str, index: int, position: int) -> tuple[np.ndarray, str]:
         """Image `position` of sentence `index` and the sentence's kind; sources that can make one image alone
         (without the rest of its sentence) override this."""
@@ -92,16 +96,24 @@ def partition(names: list[str], seed: int, val_fraction: float, test_fraction: f
     Sorting by hash (rather than thresholding it) gives exact split sizes; a non-zero fraction of three or more
     names gets at least one sentence so a small folder still validates.
     """
-    n = len(names)
-    order = sorted(range(n), key=lambda i: (stable_fraction(names[i], seed), names[i]))
+    order = sorted(range(len(names)), key=lambda i: (stable_fraction(names[i], seed), names[i]))
+    return {split: sorted(indices) for split, indices in cut(order, val_fraction, test_fraction).items()}
+
+
+def partition_arrays(fractions: np.ndarray, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+    """`partition` over `stable_fraction`s already computed (float64 [n]), as sorted int64 index arrays: no Python
+    object per sentence. Equal fractions (a 53-bit tie) are ordered by index instead of by name."""
+    order = np.argsort(fractions, kind="stable")
+    return {split: np.sort(indices) for split, indices in cut(order, val_fraction, test_fraction).items()}
+
+
+def cut(order, val_fraction: float, test_fraction: float) -> dict:
+    """Test, val and train as consecutive pieces of `order` (a list or array of indices by hash)."""
+    n = len(order)
 
     def count(fraction: float) -> int:
         k = round(fraction * n)
         return max(k, 1) if fraction > 0 and n >= 3 else k
 
     n_test, n_val = count(test_fraction), count(val_fraction)
-    return {
-        "test": sorted(order[:n_test]),
-        "val": sorted(order[n_test : n_test + n_val]),
-        "train": sorted(order[n_test + n_val :]),
-    }
+    return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}

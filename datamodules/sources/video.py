@@ -1,11 +1,20 @@
-"""Videos (extra `video`, PyAV): each file is cut into sentences of `length` frames, one every `stride` frames."""
+"""Videos (extra `video`, PyAV): each file is cut into sentences of `length` frames, one every `stride` frames.
+
+Frame counts come from the container (no decoding); a clip is decoded from the keyframe at or before its first frame
+(an exact seek: frames are told apart by their timestamps), so reading a clip costs at most a keyframe interval more
+than its own frames, wherever it is in the file.
+"""
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
+
 from datamodules.sources.base import SentenceSource, VisualSentence, partition
-from lvm_pl.console import UserError, say, warn
+from lvm_pl.console import UserError, progress, say, warn
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 
@@ -19,12 +28,63 @@ def _open(path: Path):
 
 
 def count_frames(path: Path) -> int:
-    """Number of video frames in `path` (container metadata when present, else by decoding)."""
+    """Number of video frames in `path`: the container's count, else the stream's duration times its frame rate,
+    else the number of its packets (demuxed, not decoded: one packet per frame)."""
     with _open(path) as container:
         stream = container.streams.video[0]
         if stream.frames:
             return int(stream.frames)
-        return sum(1 for _ in container.decode(video=0))
+        if stream.duration and stream.average_rate:
+            return round(stream.duration * stream.time_base * stream.average_rate)
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def read_clip(path: Path, frames: range) -> tuple[list[np.ndarray], int]:
+    """Frames `frames` of `path` as RGB [H, W, 3] arrays, and how many frames were decoded to get them.
+
+    Seeks to the keyframe at or before the first frame and decodes forward, numbering frames by timestamp; a file
+    whose timestamps do not number its frames one by one (variable frame rate, none at all) is decoded from its start
+    and numbered in decoding order, which is what `count_frames` counts.
+    """
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        rate, base, start = stream.average_rate, stream.time_base, stream.start_time or 0
+        if rate and base and frames.start > 0:
+            container.seek(start + math.floor(frames.start / (rate * base)), stream=stream, backward=True)
+            got, decoded = _decode_by_timestamp(container, stream, frames, start, rate * base)
+            if got is not None:
+                return got, decoded
+            container.seek(0, stream=stream, backward=True)
+        else:
+            decoded = 0
+        got = []
+        for i, frame in enumerate(container.decode(stream)):
+            decoded += 1
+            if i in frames:
+                got.append(frame.to_ndarray(format="rgb24"))
+            if i >= frames[-1]:
+                break
+        return got, decoded
+
+
+def _decode_by_timestamp(container, stream, frames: range, start: int, per_tick: Fraction) -> tuple[list | None, int]:
+    """Decode forward from where the container was sought to, keeping the frames whose timestamps number `frames`;
+    None (with the frames decoded so far) when the numbers are not consecutive or the seek went past the first."""
+    got, numbers, decoded, previous = [], [], 0, None
+    for frame in container.decode(stream):
+        decoded += 1
+        if frame.pts is None:
+            return None, decoded
+        number = round((frame.pts - start) * per_tick)
+        if (previous is None and number > frames.start) or (previous is not None and number != previous + 1):
+            return None, decoded
+        previous = number
+        if number in frames:
+            got.append(frame.to_ndarray(format="rgb24"))
+            numbers.append(number)
+        if number >= frames[-1]:
+            break
+    return (got if numbers == list(frames) else None), decoded
 
 
 class VideoSource(SentenceSource):
@@ -61,7 +121,7 @@ class VideoSource(SentenceSource):
             raise UserError(f"data.source.root: no video files ({', '.join(VIDEO_EXTENSIONS)}) under {self.root}")
         span = (self.length - 1) * self.frame_step + 1
         windows, bad = [], []
-        for path in files:
+        for path in progress(files, f"counting frames of {len(files)} videos"):
             try:
                 frames = count_frames(path)
             except Exception as err:  # PyAV raises many error types for broken files
@@ -89,14 +149,7 @@ class VideoSource(SentenceSource):
     def sentence(self, split: str, index: int) -> VisualSentence:
         path, start = self.windows[self.splits[split][index]]
         wanted = range(start, start + self.length * self.frame_step, self.frame_step)
-        frames = []
-        with _open(path) as container:
-            # decode from the start: exact frame numbers without relying on keyframe seeking (clips are short)
-            for i, frame in enumerate(container.decode(video=0)):
-                if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                if i >= wanted[-1]:
-                    break
+        frames, _ = read_clip(path, wanted)
         if len(frames) != self.length:
             raise UserError(f"{path}: expected frames {start}..{wanted[-1]}, decoded {len(frames)}")
         return VisualSentence(frames, "sequence", {"path": str(path), "frames": list(wanted)})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import struct
 import zlib
 
@@ -12,6 +14,8 @@ from PIL import Image
 
 from datamodules import FolderSource, VisualSentenceDataModule
 from datamodules.imageio import BadImage, fit_image, load_rgb
+from datamodules.sources.base import SPLITS
+from datamodules.sources.folder import INDEX_NAME
 from lvm_pl.console import UserError
 
 
@@ -226,3 +230,81 @@ def test_image_unit_reads_single_files_like_whole_sentences(tree):
         item = data[k]
         assert item["kind"] == kind and item["image"].shape == (3, 8, 8)
         assert np.array_equal(((item["image"] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), x)
+
+
+def listing(src: FolderSource) -> dict[str, list[tuple[str, int]]]:
+    return {s: [(src.describe(s, i), src.num_images(s, i)) for i in range(src.split_size(s))] for s in SPLITS}
+
+
+def counts_of(src: FolderSource) -> dict[str, int]:
+    return {path.split("/")[-1]: n for v in listing(src).values() for path, n in v}
+
+
+def set_up(root, **kw) -> FolderSource:
+    src = FolderSource(str(root), val_fraction=0.3, test_fraction=0.0, **kw)
+    src.setup(8, seed=0)
+    return src
+
+
+def test_the_index_is_reused_and_rebuilt_when_the_tree_changes(tree):
+    first = set_up(tree)
+    index = tree / INDEX_NAME
+    written = index.stat().st_mtime_ns
+    # changed in place, a file leaves its folder's time as it was: listed and verified again, it would be dropped
+    (tree / "clip" / "1.jpg").write_bytes(b"not a jpeg any more")
+    again = set_up(tree)
+    assert index.stat().st_mtime_ns == written and listing(again) == listing(first)
+    assert counts_of(again) == {"seq": 3, "clip": 3, "loose.png": 1} and isinstance(again.index.paths.base, np.memmap)
+    solid(30).save(tree / "seq" / "f3.png")  # a file added to a sentence folder
+    with pytest.warns(UserWarning, match="skipped 1 unreadable images"):
+        grown = set_up(tree)
+    assert index.stat().st_mtime_ns > written
+    assert counts_of(grown) == {"seq": 4, "clip": 2, "loose.png": 1}
+    assert [int(x[0, 0, 0]) for x in grown.sentence(*where(grown, "seq")).images] == [20, 40, 30, 200]
+    written = index.stat().st_mtime_ns
+    solid(60).save(tree / "more.png")  # a loose image: the root changes
+    assert sum(len(v) for v in listing(set_up(tree)).values()) == 4 and index.stat().st_mtime_ns > written
+    written = index.stat().st_mtime_ns
+    set_up(tree, reindex=True)
+    assert index.stat().st_mtime_ns > written
+
+
+def where(src: FolderSource, name: str) -> tuple[str, int]:
+    return next((s, i) for s in SPLITS for i in range(src.split_size(s)) if src.describe(s, i).endswith(name))
+
+
+def test_index_path_elsewhere_and_a_spawned_worker_maps_it_again(tree, tmp_path):
+    src = set_up(tree, index_path=str(tmp_path / "idx" / "tree.npy"))
+    assert (tmp_path / "idx" / "tree.npy").is_file() and not (tree / INDEX_NAME).exists()
+    copy = pickle.loads(pickle.dumps(src))
+    assert isinstance(copy.index.paths.base, np.memmap) and listing(copy) == listing(src)
+    assert np.array_equal(copy.sentence(*where(copy, "seq")).images, src.sentence(*where(src, "seq")).images)
+
+
+def test_sampled_verification_then_bad_images_skipped_and_counted_while_loading(tree):
+    add_bad_files(tree)
+    with pytest.warns(UserWarning) as record:
+        src = FolderSource(str(tree), val_fraction=0.0, test_fraction=0.0, verify=100)
+        dm = VisualSentenceDataModule(src, image_size=12)
+        dm.setup()
+    messages = " ".join(str(w.message) for w in record)
+    assert "skipped 1 not image files" in messages and "4 of 11 sampled images unreadable (36.4%)" in messages
+    assert sorted(src.num_images("train", i) for i in range(3)) == [1, 4, 6]  # listed, not verified
+    with pytest.warns(UserWarning) as record:
+        lengths = sorted(len(s.images) for s in dm.sentences("train"))
+        images = [dm.dataset("train")[k]["image"] for k in range(11)]  # the 4 bad ones give the next readable
+    assert lengths == [1, 3, 3] and all(x.shape == (3, 12, 12) for x in images)
+    counted = [
+        int(m)
+        for m in re.findall(r"skipped (\d+) unreadable images while loading", str([str(w.message) for w in record]))
+    ]
+    assert counted == [1, 2, 4, 8]  # 4 in the sentences, 4 more as single images
+    with pytest.raises(UserError, match=r"bad image \(strict: true\): .*(zero.png|garbage.jpg|truncated)"):
+        (tree / "seq" / "notes.txt").unlink()
+        FolderSource(str(tree), strict=True, verify=100).setup(12, 0)
+
+
+def test_an_index_that_cannot_be_written_stays_in_memory(tree):
+    with pytest.warns(UserWarning, match=r"loose.png: cannot make the folder index's folder .* stays in memory"):
+        src = set_up(tree, index_path=str(tree / "loose.png" / "index.npy"))
+    assert src.index.file is None and counts_of(src) == {"seq": 3, "clip": 3, "loose.png": 1}

@@ -1,4 +1,4 @@
-"""Video source: windows of `length` frames every `stride`, frame order, short and broken files."""
+"""Video source: windows of `length` frames every `stride`, frame order, short and broken files, exact seeking."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from datamodules import VideoSource, VisualSentenceDataModule
+from datamodules.sources.video import count_frames, read_clip
 from lvm_pl.console import UserError
 
 av = pytest.importorskip("av")
@@ -64,3 +65,61 @@ def test_broken_video_is_skipped_or_strict(tmp_path):
         VideoSource(str(tmp_path / "empty")).setup(16, 0)
     with pytest.raises(UserError, match="does not exist"):
         VideoSource(str(tmp_path / "nothing")).setup(16, 0)
+
+
+KEYINT, FRAMES = 12, 60
+
+
+def write_moving(path, codec: str, frames: int = FRAMES) -> None:
+    """A textured picture sliding right a pixel a frame (motion the encoder predicts), a keyframe every KEYINT."""
+    texture = np.random.default_rng(0).integers(0, 256, (48, 96, 3), np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = KEYINT
+        for k in range(frames):
+            img = np.ascontiguousarray(np.roll(texture, k, axis=1)[:, :64])
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode())
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """H.264 in mp4 (B-frames, frame count in the header), VP9 in webm (no count, no stream duration), MPEG-4 in
+    avi, each with every frame decoded from the start as the reference."""
+    where = tmp_path_factory.mktemp("seek")
+    made = {}
+    for name, codec in (("h264.mp4", "libx264"), ("vp9.webm", "libvpx-vp9"), ("mpeg4.avi", "mpeg4")):
+        write_moving(where / name, codec)
+        with av.open(str(where / name)) as container:
+            made[where / name] = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return made
+
+
+def test_frame_counts_come_from_the_container(videos):
+    for path, frames in videos.items():
+        assert len(frames) == FRAMES and count_frames(path) == FRAMES, path
+    with av.open(str(next(p for p in videos if p.suffix == ".webm"))) as container:
+        assert not container.streams.video[0].frames  # counted by demuxing, not read from a header
+
+
+@pytest.mark.parametrize("start, step", [(45, 1), (37, 2), (0, 1), (FRAMES - 4, 1)])
+def test_a_late_clip_is_exactly_the_frames_decoding_from_zero_gives_at_bounded_cost(videos, start, step):
+    length = 4
+    wanted = range(start, start + length * step, step)
+    for path, reference in videos.items():
+        got, decoded = read_clip(path, wanted)
+        assert len(got) == length, path
+        for number, frame in zip(wanted, got, strict=True):
+            assert np.array_equal(frame, reference[number]), (path, number)
+        assert decoded <= KEYINT + (length - 1) * step + 1, (path, decoded)
+
+
+def test_the_source_reads_seeked_clips(videos):
+    path = next(p for p in videos if p.suffix == ".mp4")
+    src = VideoSource(str(path), length=4, stride=8, val_fraction=0.0, test_fraction=0.0)
+    src.setup(16, 0)
+    assert src.split_size("train") == len(range(0, FRAMES - 3, 8))
+    for i in range(src.split_size("train")):
+        s = src.sentence("train", i)
+        assert all(np.array_equal(x, videos[path][n]) for x, n in zip(s.images, s.meta["frames"], strict=True))
