@@ -9,6 +9,7 @@ storage options per protocol (`{"s3": {"config_kwargs": {"connect_timeout": 5}}}
 from __future__ import annotations
 
 import glob
+import os
 from typing import IO
 
 import fsspec
@@ -30,7 +31,8 @@ def remote_error(url: str, err: BaseException) -> UserError:
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS) or ~/.aws"
         )
     if any(marker in text for marker in UNREACHABLE) or isinstance(err, (ConnectionError, TimeoutError)):
-        return UserError(f"{url}: cannot reach the storage endpoint; check AWS_ENDPOINT_URL and the network")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the service's default")
+        return UserError(f"{url}: cannot reach the storage endpoint ({endpoint}); check AWS_ENDPOINT_URL, the network")
     if isinstance(err, FileNotFoundError) or "NoSuchKey" in text or "NoSuchBucket" in text or "404" in text:
         return UserError(f"{url}: no such shard (check the URL, its brace range or glob)")
     return UserError(f"{url}: cannot open ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")

@@ -47,7 +47,7 @@ def decode_video(data: bytes) -> list[np.ndarray]:
 
 
 class TarSource(SentenceSource):
-    """Sentences streamed from tar shards; `train`/`val`/`test` each a URL, pattern or list of them (empty: none).
+    """Sentences streamed from tar shards; `train`/`val`/`test` each a URL, pattern or list of them (None: none).
 
     `sentence_key`/`frame_key` name the JSON sidecar's fields of one-sample-per-image shards; `kind` tags sentences
     whose sidecar says none. Undecodable members are skipped and counted per shard, or fail naming shard and member
@@ -59,9 +59,9 @@ class TarSource(SentenceSource):
 
     def __init__(
         self,
-        train: str | list[str] = (),
-        val: str | list[str] = (),
-        test: str | list[str] = (),
+        train: str | list[str] | None = None,
+        val: str | list[str] | None = None,
+        test: str | list[str] | None = None,
         kind: str = "sequence",
         sentence_key: str = "sentence",
         frame_key: str = "frame",
