@@ -65,7 +65,7 @@ class TarSource(SentenceSource):
         kind: str = "sequence",
         sentence_key: str = "sentence",
         frame_key: str = "frame",
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: int = 100,
         epoch_length: int | None = None,
         strict: bool = False,
         storage_options: dict[str, dict] | None = None,

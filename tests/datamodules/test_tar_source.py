@@ -26,7 +26,7 @@ from datamodules.sources.tar import SHARD_STRIDE, TarSource
 BUILTIN = [config("data/builtin.yaml")]
 SMALL = ["--data.init_args.image_size=16", "--data.init_args.source.init_args.splits={train: 5, val: 2, test: 0}"]
 SOURCE = "--data.init_args.source.init_args"
-NO_EVAL = [f"{SOURCE}.val=null", f"{SOURCE}.test=null"]
+NO_EVAL = [f"{SOURCE}.val=[]", f"{SOURCE}.test=[]"]  # on the command line `null` reads as "None"
 
 
 def contents(dm: VisualSentenceDataModule, split: str) -> list[tuple]:
