@@ -97,7 +97,9 @@ def start_checking_credentials() -> tuple[S3Server, subprocess.Popen]:
         except OSError:
             time.sleep(0.05)
     endpoint = f"http://127.0.0.1:{port}"
-    iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x")
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
+    )
     iam.create_user(UserName="trainer")
     key = iam.create_access_key(UserName="trainer")["AccessKey"]
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
