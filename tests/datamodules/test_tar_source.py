@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_runner import run_commands
 from helpers import config
 from PIL import Image
 from s3_server import free_port
@@ -62,8 +61,7 @@ def png(value: int, size: int = 16) -> bytes:
 
 
 def error_lines(result) -> list[str]:
-    stderr = result["stderr"] if isinstance(result, dict) else result.stderr
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +164,7 @@ def test_shards_on_s3_written_and_read_through_the_cli(builtin_shards, tmp_path,
 
 
 def test_storage_faults_are_one_line_naming_the_url(
-    builtin_shards, tmp_path, s3_server, s3_server_checking_credentials
+    builtin_shards, tmp_path, s3_server, s3_server_checking_credentials, main_py
 ):
     good = builtin_shards / "sentence" / "train" / "shard-000000.tar"
     bad = write_tar(tmp_path / "bad.tar", {"x.0.png": png(5), "x.1.png": b"\x89PNG garbage", "x.json": b"{}"})
@@ -182,23 +180,22 @@ def test_storage_faults_are_one_line_naming_the_url(
         "unreachable": (f"{bucket}/train/shard-000000.tar", None, s3_server.env(AWS_ENDPOINT_URL=closed)),
         "credentials": ("s3://guarded/train/shard-000000.tar", None, strict.env(AWS_SECRET_ACCESS_KEY="wrong")),
     }
-    commands = []
+    runs = {}
     for name, (urls, _, env) in reads.items():
         argv = ["make-shards", "-c", config("data/tar.yaml"), f"{SOURCE}.train={urls}", *NO_EVAL]
-        argv += [f"{SOURCE}.strict=true", "--output_dir", str(tmp_path / name)]
-        commands.append({"argv": argv, "cwd": str(tmp_path), "env": env})
+        runs[name] = main_py([*argv, f"{SOURCE}.strict=true", "--output_dir", tmp_path / name], env=env)
     write = ["make-shards", "-c", *BUILTIN, *SMALL, "--output_dir", "s3://guarded/out"]  # writing with a wrong key
-    commands.append({"argv": write, "cwd": str(tmp_path), "env": strict.env(AWS_SECRET_ACCESS_KEY="wrong")})
-    lenient = commands[0]["argv"][:-3] + ["--output_dir", str(tmp_path / "lenient")]  # strict: false
-    commands.append({"argv": lenient, "cwd": str(tmp_path), "env": s3_server.env()})
-    *faults, skipped = run_commands(commands)
+    runs["writing"] = main_py(write, env=strict.env(AWS_SECRET_ACCESS_KEY="wrong"))
+    lenient = ["make-shards", "-c", config("data/tar.yaml"), f"{SOURCE}.train=[{good}, {bad}]", *NO_EVAL]
+    skipped = main_py([*lenient, "--output_dir", tmp_path / "lenient"])  # strict: false
     named = [named or urls.strip("[]").split(", ")[-1] for urls, named, _ in reads.values()] + ["s3://guarded/out"]
-    for name, url, result in zip([*reads, "writing"], named, faults, strict=True):
+    for (name, result), url in zip(runs.items(), named, strict=True):
         errors = error_lines(result)
-        assert result["rc"] == 2 and len(errors) == 1 and url in errors[0], (name, result["stderr"][-3000:])
-        assert "Traceback" not in result["stderr"], name
+        assert result.returncode == 2 and len(errors) == 1 and url in errors[0], (name, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr, name
         assert not (tmp_path / name).exists() or not any((tmp_path / name).iterdir()), name  # nothing partial
-    assert "access denied" in error_lines(faults[3])[0] and "cannot reach" in error_lines(faults[2])[0]
+    assert "access denied" in error_lines(runs["credentials"])[0]
+    assert "cannot reach" in error_lines(runs["unreachable"])[0]
     assert strict.fs().ls("guarded") == ["guarded/train"]  # the failed upload left nothing
-    assert skipped["rc"] == 0 and "skipped 1 unreadable members" in skipped["stderr"], skipped["stderr"][-3000:]
+    assert skipped.returncode == 0 and "skipped 1 unreadable members" in skipped.stderr, skipped.stderr[-3000:]
     assert len(contents(tar_data(f"{tmp_path}/lenient/train/*.tar"), "train")) == 3  # good's 2 and x's good image
