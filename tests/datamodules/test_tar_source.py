@@ -1,19 +1,23 @@
 """Tar shards (datamodules/sources/tar.py): `main.py make-shards` from the built-in data and back through `TarSource`
-in both layouts, the split by rank x worker, tokenizing tar shards through the CLI, shards on moto's S3 server
-(tests/s3_server.py), and the storage faults, each one line naming the URL with nothing partial left."""
+in both layouts, over HTTP, the split by rank x worker, tokenizing tar shards through the CLI, shards on moto's S3
+server (tests/s3_server.py), and the storage faults, each one line naming the URL with nothing partial left."""
 
 from __future__ import annotations
 
 import io
 import json
 import tarfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from threading import Thread
 
 import numpy as np
 import pytest
-from helpers import config
+from helpers import config, cpu_trainer
 from PIL import Image
 from s3_server import free_port
+from test_data_ddp import Recorder
 from torch.utils.data import DataLoader
 
 from datamodules.make_shards import add_member
@@ -21,6 +25,7 @@ from datamodules.preview import load_datamodule
 from datamodules.sentence_stream import SentenceStream
 from datamodules.sentences import VisualSentenceDataModule
 from datamodules.sources.tar import SHARD_STRIDE, TarSource
+from lvm_pl.console import UserError
 
 BUILTIN = [config("data/builtin.yaml")]
 SMALL = ["--data.init_args.image_size=16", "--data.init_args.source.init_args.splits={train: 5, val: 2, test: 0}"]
@@ -85,6 +90,19 @@ def test_make_shards_then_tar_source_gives_the_sources_sentences(builtin_shards,
         assert_same(contents(source, split), contents(shards, split))
 
 
+def test_shards_over_http(builtin_shards):
+    handler = partial(SimpleHTTPRequestHandler, directory=str(builtin_shards / "sentence" / "train"))
+    handler.log_message = lambda *args: None
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_port}"
+        local = tar_data(str(builtin_shards / "sentence" / "train" / "*.tar"))
+        assert_same(contents(local, "train"), contents(tar_data(f"{base}/shard-{{000000..000002}}.tar"), "train"))
+        with pytest.raises(UserError, match=rf"^{base}/shard-000007.tar: no such shard"):
+            tar_data(f"{base}/shard-000007.tar")
+        server.shutdown()
+
+
 def test_parts_of_ranks_and_workers_hold_each_sentence_once(builtin_shards):
     data = tar_data(str(builtin_shards / "sentence" / "train" / "*.tar"))
     everything = [index for index, _ in data.source.stream("train", 0, 1)]
@@ -96,6 +114,20 @@ def test_parts_of_ranks_and_workers_hold_each_sentence_once(builtin_shards):
     assert sorted(seen) == everything
     batches = list(data.predict_dataloader())  # predict: one pass, sentences as the token writer takes them
     assert sorted(i for b in batches for i in b.index.tolist()) == everything
+
+
+def test_two_ddp_ranks_read_their_own_shards_and_take_equal_steps(builtin_shards, tmp_path):
+    shards = f"{builtin_shards}/sentence/train/*.tar"  # 3 shards of 2, 2 and 1 sentences
+    source = TarSource(train=shards, val=shards, epoch_length=4, shuffle_buffer=1)
+    data = VisualSentenceDataModule(source, image_size=16, unit="sentence", batch_size=2)
+    trainer = cpu_trainer(devices=2, strategy="ddp_spawn", max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(Recorder(str(tmp_path)), datamodule=data)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, seen in enumerate(ranks):
+        assert {int(i) // SHARD_STRIDE % 2 for split in seen for i in seen[split]} == {rank}  # shards rank::2
+    assert [len(seen["train"]) for seen in ranks] == [3, 2]  # all of each rank's sentences, some twice: 4 items
+    every = [i for i, _ in tar_data(shards).source.stream("train", 0, 1)]
+    assert sorted(int(i) for seen in ranks for i in seen["val"]) == every  # evaluation: each sentence once
 
 
 def test_training_stream_gives_epoch_length_items_in_an_order_by_epoch(builtin_shards):
