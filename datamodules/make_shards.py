@@ -8,7 +8,7 @@ import json
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from itertools import islice
 from pathlib import Path
 from typing import Literal
@@ -86,18 +86,20 @@ def split_folder(target: str) -> Iterator[tuple[Path, Callable[[Path], None]]]:
     uploaded: list[str] = []
 
     def upload(shard: Path) -> None:
-        fs.put_file(str(shard), f"{path}/{shard.name}")
+        try:
+            fs.put_file(str(shard), f"{path}/{shard.name}")
+        except Exception as err:  # noqa: BLE001 - each backend raises its own types; worded by remote_error
+            raise remote_error(f"{target}/{shard.name}", err) from None
         uploaded.append(f"{path}/{shard.name}")
         shard.unlink()
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             yield Path(tmp), upload
-    except BaseException as err:
+    except BaseException:
         if uploaded:
-            fs.rm(uploaded)
-        if isinstance(err, Exception) and not isinstance(err, UserError):
-            raise remote_error(target, err) from None
+            with suppress(Exception):  # the error that stopped the run is the one to report
+                fs.rm(uploaded)
         raise
 
 
