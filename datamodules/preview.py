@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +17,7 @@ from lvm_pl.images import grid
 from lvm_pl.kinds import kind_order
 
 
-def load_datamodule(configs: list[str], overrides: list[str] = ()) -> LightningDataModule:
+def load_datamodule(configs: list[str], overrides: Sequence[str] = ()) -> LightningDataModule:
     """Build the `data:` section of one or more YAML configs (later files override earlier ones), then the `--data.*`
     flags of `overrides`."""
     parser = ArgumentParser(exit_on_error=False)
