@@ -39,10 +39,17 @@ COMMANDS: dict[str, str] = {
     "demo": "lvm_pl.demo:demo",
     "tokenize": "lvm_pl.tokenize:tokenize",
     "stream-tokens": "datamodules.stream_tokens:stream_tokens",
+    "make-shards": "datamodules.make_shards:make_shards",
 }
 
 # Options that take several values the shell way (`--images a.png b.png`): jsonargparse wants one JSON list
-LIST_OPTIONS: dict[str, tuple[str, ...]] = {"prompt": ("--images",), "tokenize": ("--splits",)}
+LIST_OPTIONS: dict[str, tuple[str, ...]] = {
+    "prompt": ("--images",),
+    "tokenize": ("--splits",),
+    "make-shards": ("--splits",),
+}
+# Commands that take configs the Trainer's way (`-c a.yaml`, `--data.* value`): see config_args
+CONFIG_COMMANDS = ("tokenize", "make-shards")
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -170,9 +177,9 @@ def gather_lists(command: str, args: list[str]) -> list[str]:
     return out
 
 
-def tokenize_args(args: list[str]) -> list[str]:
-    """`tokenize`'s `-c a.yaml` -> `--configs+ a.yaml` (the function's own `--config` is jsonargparse's), and the
-    predict flags it passes on (`--data.*`, `--trainer.*`, `--model.*`) -> `--overrides+ flag`."""
+def config_args(args: list[str]) -> list[str]:
+    """A CONFIG_COMMANDS command's `-c a.yaml` -> `--configs+ a.yaml` (the function's own `--config` is
+    jsonargparse's), and the flags it passes on (`--data.*`, `--trainer.*`, `--model.*`) -> `--overrides+ flag`."""
     out, i = [], 0
     while i < len(args):
         if args[i] in ("-c", "--config") and i + 1 < len(args):
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             if command is not None:
                 from jsonargparse import auto_cli
 
-                cmd_args = gather_lists(args[0], tokenize_args(args[1:]) if args[0] == "tokenize" else args[1:])
+                cmd_args = gather_lists(args[0], config_args(args[1:]) if args[0] in CONFIG_COMMANDS else args[1:])
                 auto_cli(command, args=cmd_args, as_positional=False, exit_on_error=False)
             else:
                 cli(None if argv is None else args)  # None: LightningCLI reads sys.argv (it warns when given both)

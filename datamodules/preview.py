@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,8 +17,9 @@ from lvm_pl.images import grid
 from lvm_pl.kinds import kind_order
 
 
-def load_datamodule(configs: list[str]) -> LightningDataModule:
-    """Build the `data:` section of one or more YAML configs (later files override earlier ones)."""
+def load_datamodule(configs: list[str], overrides: Sequence[str] = ()) -> LightningDataModule:
+    """Build the `data:` section of one or more YAML configs (later files override earlier ones), then the `--data.*`
+    flags of `overrides`."""
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     cfg = None
@@ -33,6 +35,8 @@ def load_datamodule(configs: list[str]) -> LightningDataModule:
             raise UserError(f"{path}: bad data section: {err}".splitlines()[0]) from None
     if cfg is None:
         raise UserError(f"{', '.join(configs)}: no `data:` section")
+    if overrides:
+        cfg = parser.parse_args(list(overrides), namespace=cfg)  # a bad key is jsonargparse's error, worded by main
     return parser.instantiate_classes(cfg).data
 
 

@@ -1,6 +1,7 @@
 """`VisualSentenceDataModule`: one DataModule for both stages, single images (VQGAN) or whole sentences (tokenizing,
 evaluation, on-the-fly LVM training), from any `SentenceSource`: `ImageBatch`es or `SentenceBatch`es
-(`lvm_pl.batches`), images as float32 in [-1, 1]."""
+(`lvm_pl.batches`), images as float32 in [-1, 1]. Indexed sources are read map-style; streaming ones (tar shards)
+through `SentenceStream`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.imageio import fit_image
 from datamodules.order import TrainLoader, TrainOrder
+from datamodules.sentence_stream import SentenceStream, StreamLoader
 from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence
 from lvm_pl.batches import ImageBatch, SentenceBatch, pad_stacks
 from lvm_pl.console import UserError
@@ -46,11 +48,19 @@ class SentenceDataset(Dataset):
     def __getitem__(self, k: int) -> dict:
         if self.starts is not None:
             i = int(np.searchsorted(self.starts, k, side="right")) - 1
-            image, kind = self.read_image(i, k - int(self.starts[i]))
-            return {"image": to_tensor(image), "kind": kind}  # [3, H, W]
-        s = self.read_sentence(k)
-        images = torch.stack([to_tensor(x) for x in s.images])  # [N, 3, H, W]
-        return {"images": images, "kind": s.kind, "index": k, "family": s.meta.get("family")}
+            return image_item(*self.read_image(i, k - int(self.starts[i])))
+        return sentence_item(self.read_sentence(k), k)
+
+
+def image_item(image: np.ndarray, kind: str) -> dict:
+    """One image as `collate_images` takes it."""
+    return {"image": to_tensor(image), "kind": kind}  # [3, H, W]
+
+
+def sentence_item(s: VisualSentence, index: int) -> dict:
+    """One sentence as `collate_sentences` takes it."""
+    images = torch.stack([to_tensor(x) for x in s.images])  # [N, 3, H, W]
+    return {"images": images, "kind": s.kind, "index": index, "family": s.meta.get("family")}
 
 
 def collate_images(items: list[dict]) -> ImageBatch:
@@ -86,10 +96,12 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
     """Visual sentences from `source`, resized (shorter side to `image_size`, then a centre or random crop).
 
     `unit="image"` yields `ImageBatch`es, `unit="sentence"` `SentenceBatch`es.
-    Sentences longer than `max_images` are cut; one shorter than `min_images` fails at setup naming its path.
+    Sentences longer than `max_images` are cut; one shorter than `min_images` fails at setup naming its path (a
+    streaming source's, when it is read).
     `crop="random"` crops training sentences at a position drawn per sentence from the seed (val/test: centre).
     Training order is a permutation by (seed, epoch), split across ranks; a checkpoint carries the position in it, so a
-    resumed `fit` sees exactly the batches the interrupted one had not trained on.
+    resumed `fit` sees exactly the batches the interrupted one had not trained on (a streaming source's epoch starts
+    over: its order is by shard, see `SentenceStream`).
     """
 
     layout = None
@@ -132,7 +144,7 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         if self._ready:
             return
         self.source.setup(self.image_size, self.seed)
-        for split in SPLITS:
+        for split in SPLITS if not self.source.streaming else ():
             counts = self.source.image_counts(split)
             short = np.flatnonzero(counts < self.min_images)
             if len(short):
@@ -150,6 +162,11 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         self.setup()
         return self.source.split_size(split)
 
+    def has_split(self, split: str) -> bool:
+        """Whether `split` has sentences (a streaming source: shards), without reading them."""
+        self.setup()
+        return self.source.has_sentences(split)
+
     def _crop(self, split: str, index: int) -> tuple[float, float]:
         # one crop position per sentence, so its images stay aligned (analogies, sequences)
         if self.crop == "random" and split == "train":
@@ -159,7 +176,9 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
     def sentence(self, split: str, index: int) -> VisualSentence:
         """Sentence `index` of `split` as the modules see it (resized, cropped, cut), uint8 images and full `meta`."""
         self.setup()
-        s = self.source.sentence(split, index)
+        return self._fit(split, index, self.source.sentence(split, index))
+
+    def _fit(self, split: str, index: int, s: VisualSentence) -> VisualSentence:
         crop = self._crop(split, index)
         images = [fit_image(x, self.image_size, crop) for x in s.images[: self.clip_length(len(s.images))]]
         return VisualSentence(images, s.kind, s.meta)
@@ -171,9 +190,28 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         return fit_image(image, self.image_size, self._crop(split, index)), kind
 
     def sentences(self, split: str) -> Iterator[VisualSentence]:
-        """Every sentence of `split` in index order (e.g. held-out sentences with ground truth for prompting)."""
-        for i in range(self.split_size(split)):
-            yield self.sentence(split, i)
+        """Every sentence of `split` in index order, or stored order for a streaming source (e.g. held-out sentences
+        with ground truth for prompting)."""
+        self.setup()
+        for index, s in self.source.stream(split, 0, 1):
+            yield self._fit(split, index, self._long_enough(split, index, s))
+
+    def _long_enough(self, split: str, index: int, s: VisualSentence) -> VisualSentence:
+        if len(s.images) < self.min_images:
+            where = self.source.describe(split, index)
+            raise UserError(f"{where}: {len(s.images)} images, fewer than data.min_images={self.min_images}")
+        return s
+
+    def _stream_items(self, split: str, index: int, s: VisualSentence) -> list[dict]:
+        s = self._fit(split, index, self._long_enough(split, index, s))
+        return [image_item(x, s.kind) for x in s.images] if self.unit == "image" else [sentence_item(s, index)]
+
+    def stream(self, split: str, shuffle: bool = False, skip: frozenset[int] = frozenset()) -> SentenceStream:
+        """The iterable dataset of a streaming source's `split`: this rank's part, for this DataModule's `unit`."""
+        self.setup()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        items = partial(self._stream_items, split)
+        return SentenceStream(self.source, split, items, rank, world, self.seed if shuffle else None, skip)
 
     def dataset(self, split: str) -> SentenceDataset:
         """The map-style dataset of `split` for this DataModule's `unit`."""
@@ -188,7 +226,9 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
     def collate(self) -> Callable[[list[dict]], ImageBatch | SentenceBatch]:
         return collate_sentences if self.unit == "sentence" else collate_images
 
-    def _loader(self, dataset: SentenceDataset, sampler=None) -> DataLoader:
+    def _loader(self, dataset: SentenceDataset | SentenceStream, sampler=None) -> DataLoader:
+        if isinstance(dataset, SentenceStream):
+            return self._stream_loader(dataset)
         return (DataLoader if sampler is None else TrainLoader)(
             dataset,
             batch_size=self.batch_size,
@@ -201,17 +241,31 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def _stream_loader(self, dataset: SentenceStream) -> DataLoader:
+        """Training streams learn the epoch from the trainer before each pass; evaluation streams need none."""
+        kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers, "collate_fn": self.collate}
+        if dataset.shuffle_seed is None:
+            return DataLoader(dataset, **kwargs)
+        return StreamLoader(dataset, lambda: self.trainer.current_epoch if self.trainer is not None else 0, **kwargs)
+
+    def _split_data(self, split: str) -> SentenceDataset | SentenceStream:
+        return self.stream(split) if self.source.streaming else self.dataset(split)
+
     def train_dataloader(self) -> DataLoader:
+        if self.source.streaming:
+            return self._loader(self.stream("train", shuffle=True))
         dataset = self.dataset("train")
         return self._loader(dataset, self.order.new_sampler(len(dataset), self.trainer))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"))
+        return self._loader(self._split_data("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"))
+        return self._loader(self._split_data("test"))
 
     def predict_dataloader(self) -> DataLoader:
+        if self.source.streaming:  # each rank and worker its own shards, minus what a resumed run wrote
+            return self._loader(self.stream(self.predict_split, skip=frozenset(self._predict_skip)))
         if not self._predict_skip:
             return self._loader(self.dataset(self.predict_split))
         # a resumed tokenize run: the TokenWriter has named the sentences its complete shards already hold

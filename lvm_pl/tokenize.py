@@ -42,7 +42,7 @@ def tokenize(
     base = [arg for config in configs for arg in ("-c", config)] + ["-c", TOKENIZE_CONFIG, *(overrides or [])]
     if not splits:
         data = cli(base, run=False).datamodule  # run=False: no subcommand, the configs only
-        splits = [split for split in SPLITS if data.split_size(split) > 0]
+        splits = [split for split in SPLITS if data.has_split(split)]
     for split in splits:
         say(f"tokenize {split} -> {output_dir}/{split}")
         cli(

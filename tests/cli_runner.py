@@ -29,6 +29,7 @@ PRELOAD = [
     "datamodules",
     "datamodules.tokens",
     "datamodules.prompts",
+    "datamodules.make_shards",
     "callbacks.token_writer",
     "callbacks.image_writer",
     "lightning.pytorch.loggers",

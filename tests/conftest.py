@@ -43,8 +43,8 @@ def repo_root():
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory, repo_root) -> dict:
     """Tiny inputs any config can run on, made once per session through the real CLI:
-    an image folder, a video, a VQGAN checkpoint, token shards (train/val, and as stream-tokens outputs) and an LVM
-    checkpoint."""
+    an image folder, a video, a VQGAN checkpoint, token shards (train/val, and as stream-tokens outputs), an LVM
+    checkpoint and the image folder as tar shards (`make-shards --layout image`)."""
     import av
     import numpy as np
     from PIL import Image
@@ -141,6 +141,10 @@ def tiny_assets(tmp_path_factory, repo_root) -> dict:
         )
         lvm_ckpt = root / "lvm.ckpt"
         run.trainer.save_checkpoint(lvm_ckpt)
+        from datamodules.make_shards import make_shards
+
+        folder = [f"--data.init_args.source.init_args.root={root / 'folder'}"]  # one sentence a shard: 2 train shards
+        make_shards([cfg("data/folder.yaml")], str(root / "tar"), per_shard=1, layout="image", overrides=folder)
         frames = [root / "folder" / "sentence0" / f"{i}.png" for i in range(3)]
         (root / "prompts.yaml").write_text(f"- {{images: [{frames[0]}, {frames[1]}], truth: [{frames[2]}]}}\n")
         (root / "prompts").mkdir()
@@ -154,6 +158,7 @@ def tiny_assets(tmp_path_factory, repo_root) -> dict:
         "shards": root / "shards",
         "stream": root / "stream",
         "lvm_ckpt": lvm_ckpt,
+        "tar": root / "tar",
         "prompts_file": root / "prompts.yaml",
         "prompts_folder": root / "prompts",
     }
@@ -167,6 +172,17 @@ def s3_server():
     server, thread = start()
     yield server
     thread.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server_checking_credentials():
+    """An S3-protocol server (moto, own process) that refuses a wrong key pair; `.env()` has a valid one."""
+    from s3_server import start_checking_credentials
+
+    server, process = start_checking_credentials()
+    yield server
+    process.terminate()
+    process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,13 @@ patched.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 
 
@@ -63,3 +68,45 @@ def start() -> tuple[S3Server, object]:
     thread.start()
     host, port = thread.get_host_and_port()
     return S3Server(endpoint=f"http://{host}:{port}"), thread
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (closed again when this returns: an unreachable endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_checking_credentials() -> tuple[S3Server, subprocess.Popen]:
+    """moto's server in its own process with authentication on (the threaded one accepts any key): an IAM user's
+    key pair allowed everything, so a wrong pair is refused as a real S3 refuses it. IAM lets the first 3 requests
+    (user, key, policy) through unsigned."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):
+            try:
+                socket.create_connection(("127.0.0.1", port)).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client(
+            "iam", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
+        )
+        iam.create_user(UserName="trainer")
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(policy))
+    except BaseException:
+        server.terminate()  # the fixture's teardown never runs when its setup fails
+        server.wait()
+        raise
+    return S3Server(endpoint, key=key["AccessKeyId"], secret=key["SecretAccessKey"]), server

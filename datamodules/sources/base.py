@@ -24,6 +24,9 @@ class VisualSentence:
     meta: dict = field(default_factory=dict)
 
 
+Indexed = tuple[int, VisualSentence]  # a sentence and its stable index in its split
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     """A piece of a split that one process tokenizes into one output shard, independent of how many processes run.
@@ -40,7 +43,16 @@ class WorkUnit:
 
 
 class SentenceSource(ABC):
-    """Where sentences come from. `setup` is called once per process before any other method."""
+    """Where sentences come from. `setup` is called once per process before any other method.
+
+    Indexed sources answer `split_size`/`sentence` for any index. A `streaming` source (tar shards) has no index: it
+    is only read through `stream`, each DDP rank x DataLoader worker its own part, and sets `shuffle_buffer` (training
+    items mixed across sentences and shards) and `epoch_length` (training items per rank, None: one pass).
+    """
+
+    streaming = False
+    shuffle_buffer = 1
+    epoch_length: int | None = None
 
     @abstractmethod
     def setup(self, image_size: int, seed: int) -> None:
@@ -71,6 +83,17 @@ class SentenceSource(ABC):
     def describe(self, split: str, index: int) -> str:
         """Where sentence `index` comes from, for error messages (a path for file sources)."""
         return f"{type(self).__name__} {split}[{index}]"
+
+    def has_sentences(self, split: str) -> bool:
+        """Whether `split` has any sentence (streaming sources: any shard), without reading them."""
+        return self.split_size(split) > 0
+
+    def stream(self, split: str, part: int, parts: int, shuffle: list[int] | None = None) -> Iterator[Indexed]:
+        """The sentences of part `part` of `parts` with their indices: here every `parts`-th index, in index order or
+        permuted by the seed `shuffle`."""
+        mine = np.arange(part, self.split_size(split), parts)
+        for i in mine if shuffle is None else np.random.default_rng(shuffle).permutation(mine):
+            yield int(i), self.sentence(split, int(i))
 
     def work_units(self, split: str, sentences_per_unit: int) -> list[WorkUnit]:
         """The units tokenizing splits `split` into: fixed index ranges here; shard sources give one per shard."""

@@ -2,9 +2,9 @@
 
 Each config carries a usage line (the first comment line that starts with `python main.py`, continued by lines ending
 in a backslash). The test runs exactly that command, in a working directory where the paths configs use by default
-(`data/tokens/*`, `data/images`, `data/videos`, `prompts.yaml`, `prompts/`) hold tiny real inputs, with checkpoint
-paths pointed at tiny checkpoints made by the real CLI (tests/conftest.py:tiny_assets), plus tiny overrides: small
-images and splits, no workers, `fast_dev_run`. GPU-only trainers (accelerator gpu, DeepSpeed, FSDP) run on the CPU
+(`data/tokens/*`, `data/images`, `data/videos`, `data/shards`, `prompts.yaml`, `prompts/`) hold tiny real inputs, with
+checkpoint paths pointed at tiny checkpoints made by the real CLI (tests/conftest.py:tiny_assets), plus tiny overrides:
+small images and splits, no workers, `fast_dev_run`. GPU-only trainers (accelerator gpu, DeepSpeed, FSDP) run on the CPU
 with the default strategy and the tiny LVM preset, which checks all but the strategy; their real runs are `gpu` tests.
 A config added later is covered without touching this file, and a usage line that stops working fails here.
 """
@@ -119,6 +119,7 @@ def workdir(tiny_assets, tmp_path, monkeypatch):
         "data/stream/val": tiny_assets["stream"] / "val",
         "data/images": tiny_assets["folder"],
         "data/videos": tiny_assets["videos"],
+        "data/shards": tiny_assets["tar"],
         "prompts.yaml": tiny_assets["prompts_file"],
         "prompts": tiny_assets["prompts_folder"],
     }

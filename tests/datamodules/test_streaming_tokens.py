@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import torch
 from cli_runner import run_commands
 from helpers import REPO, config, lvm_shape
 from lightning.pytorch.callbacks import Callback
+from s3_server import free_port
 
 from datamodules.mix_plan import MixPlan
 from datamodules.streaming import StreamingTokenDataModule
@@ -172,56 +170,16 @@ def test_training_resumed_onto_another_number_of_ranks_sees_each_window_once(tmp
     assert sorted(seen) == [16 * w for w in range(84)]  # every window of the epoch once, none twice
 
 
-@pytest.fixture(scope="module")
-def strict_s3():
-    """A moto server that checks credentials (tests/s3_server.py's accepts any): its endpoint, a valid key pair and
-    a client; IAM lets the first 3 requests (user, key, policy) through unsigned."""
-    import boto3
-
-    port = closed_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port)).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    iam = boto3.client(
-        "iam", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
-    )
-    iam.create_user(UserName="trainer")
-    key = iam.create_access_key(UserName="trainer")["AccessKey"]
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-    iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(policy))
-    keys = {"aws_access_key_id": key["AccessKeyId"], "aws_secret_access_key": key["SecretAccessKey"]}
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
-    s3.create_bucket(Bucket="strict")
-    yield endpoint, s3
-    server.terminate()
-    server.wait()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed once the socket is
-
-
-def test_storage_faults_are_one_line_naming_the_url(tmp_path, s3_server, strict_s3):
+def test_storage_faults_are_one_line_naming_the_url(tmp_path, s3_server, s3_server_checking_credentials):
     src = write_shards(tmp_path / "shards", 20)
     bucket = s3_server.bucket("faults")
-    denied = s3_server.env(AWS_ENDPOINT_URL=strict_s3[0], AWS_ACCESS_KEY_ID="bad", AWS_SECRET_ACCESS_KEY="wrong")
+    strict = s3_server_checking_credentials
+    strict.bucket("strict")
+    denied = strict.env(AWS_ACCESS_KEY_ID="bad", AWS_SECRET_ACCESS_KEY="wrong")
     cases = {
         "missing bucket": ("s3://no-such-bucket-here/tokens", s3_server.env()),
         "bad credentials": ("s3://strict/denied", denied),
-        "unreachable endpoint": (f"{bucket}/away", s3_server.env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed_port()}")),
+        "unreachable endpoint": (f"{bucket}/away", s3_server.env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")),
     }
     commands = [
         {
@@ -242,4 +200,4 @@ def test_storage_faults_are_one_line_naming_the_url(tmp_path, s3_server, strict_
         if name != "missing":
             assert result["stderr"].strip() == errors[0], (name, result["stderr"][-2000:])  # nothing but the line
     assert s3_server.fs().ls("faults") == []  # nothing partial left
-    assert strict_s3[1].list_objects_v2(Bucket="strict").get("KeyCount") == 0
+    assert strict.fs().ls("strict") == []
