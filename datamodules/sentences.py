@@ -12,12 +12,14 @@ from typing import Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.imageio import fit_image
 from datamodules.order import TrainLoader, TrainOrder
-from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence
+from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence, WorkUnit
+from datamodules.units import UnitSentences, unit_loader
 from lvm_pl.batches import ImageBatch, SentenceBatch, pad_stacks
+from lvm_pl.claims import Claims
 from lvm_pl.console import UserError
 from lvm_pl.images import to_tensor
 from lvm_pl.stage_data import StageData
@@ -48,9 +50,13 @@ class SentenceDataset(Dataset):
             i = bisect.bisect_right(self.starts, k) - 1
             image, kind = self.read_image(i, k - self.starts[i])
             return {"image": to_tensor(image), "kind": kind}  # [3, H, W]
-        s = self.read_sentence(k)
-        images = torch.stack([to_tensor(x) for x in s.images])  # [N, 3, H, W]
-        return {"images": images, "kind": s.kind, "index": k, "family": s.meta.get("family")}
+        return sentence_item(self.read_sentence(k), k)
+
+
+def sentence_item(s: VisualSentence, index: int) -> dict:
+    """A sentence as `collate_sentences` takes it: images [N, 3, H, W] in [-1, 1], kind, index, family."""
+    images = torch.stack([to_tensor(x) for x in s.images])
+    return {"images": images, "kind": s.kind, "index": index, "family": s.meta.get("family")}
 
 
 def collate_images(items: list[dict]) -> ImageBatch:
@@ -68,18 +74,6 @@ def collate_sentences(items: list[dict]) -> SentenceBatch:
         kinds=[it["kind"] for it in items],
         families=[it.get("family") for it in items],
     )
-
-
-class _PredictSampler(DistributedSampler):
-    """This rank's sentences as Lightning shards predict data (rank::world, in order), minus `skip`."""
-
-    def __init__(self, size: int, num_replicas: int, rank: int, skip: set[int]) -> None:
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.indices = [i for i in range(rank, size, num_replicas) if i not in skip]
-        self.num_samples = len(self.indices)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
 
 
 class VisualSentenceDataModule(LightningDataModule, StageData):
@@ -121,11 +115,16 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         self.batch_size, self.num_workers, self.seed, self.predict_split = batch_size, num_workers, seed, predict_split
         self._ready = False
         self.order = TrainOrder(batch_size, seed)
-        self._predict_skip: set[int] = set()  # sentences a resumed tokenize run already wrote
+        self._units: tuple[list[WorkUnit], Claims] | None = None  # set by the token writer: predict claims units
 
-    def skip_predict(self, indices: set[int]) -> None:
-        """Leave these sentences of `predict_split` out of `predict` (the token writer's complete shards hold them)."""
-        self._predict_skip = set(indices)
+    def work_units(self, split: str, sentences_per_unit: int) -> list[WorkUnit]:
+        """The work units tokenizing `split` is cut into (the source's: index ranges, or one per input shard)."""
+        self.setup()
+        return self.source.work_units(split, sentences_per_unit)
+
+    def predict_units(self, units: list[WorkUnit], claims: Claims) -> None:
+        """Make `predict` yield the `units` this process can take through `claims` (tokenizing)."""
+        self._units = (units, claims)
 
     def setup(self, stage: str | None = None) -> None:
         """Prepare the source once and check every sentence is long enough."""
@@ -159,10 +158,19 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
     def sentence(self, split: str, index: int) -> VisualSentence:
         """Sentence `index` of `split` as the modules see it (resized, cropped, cut), uint8 images and full `meta`."""
         self.setup()
-        s = self.source.sentence(split, index)
+        return self._fit(split, index, self.source.sentence(split, index))
+
+    def _fit(self, split: str, index: int, s: VisualSentence) -> VisualSentence:
         crop = self._crop(split, index)
         images = [fit_image(x, self.image_size, crop) for x in s.images[: self.clip_length(len(s.images))]]
         return VisualSentence(images, s.kind, s.meta)
+
+    def unit_items(self, unit: WorkUnit) -> Iterator[dict]:
+        """The sentences of a work unit in order, as the modules see them (resized, cropped, cut) and collate takes
+        them."""
+        self.setup()
+        for index, s in self.source.unit_sentences(unit):
+            yield sentence_item(self._fit(unit.split, index, s), index)
 
     def image(self, split: str, index: int, position: int) -> tuple[np.ndarray, str]:
         """Image `position` of sentence `index` of `split` (resized and cropped like `sentence` does) and its kind."""
@@ -211,14 +219,11 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         return self._loader(self.dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        if not self._predict_skip:
+        if self._units is None:
             return self._loader(self.dataset(self.predict_split))
-        # a resumed tokenize run: the TokenWriter has named the sentences its complete shards already hold
-        ds = self.dataset(self.predict_split)
-        sampler = _PredictSampler(len(ds), self.trainer.world_size, self.trainer.global_rank, self._predict_skip)
-        return DataLoader(
-            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate
-        )
+        units, claims = self._units
+        dataset = UnitSentences(units, claims, self.unit_items, self.batch_size, collate_sentences, self.image_size)
+        return unit_loader(dataset, self.num_workers)
 
     def state_dict(self) -> dict:
         """Where training is in its order (checkpointed by Lightning)."""
