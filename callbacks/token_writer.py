@@ -116,17 +116,18 @@ class TokenWriter(BasePredictionWriter):
 
     def _check_done(self) -> None:
         """The complete shards already here must be units of this run, written with the same layout."""
-        for path in shards.complete_shards(self.output_dir):
-            name = path.name[: -len(INDEX_SUFFIX)]
-            unit = self._units.get(name)
-            if unit is None:
+        done = shards.complete_shards(self.output_dir)
+        for path in done:
+            if path.name[: -len(INDEX_SUFFIX)] not in self._units:
                 raise UserError(
                     f"{path}: not a work unit of this run (split {self.split!r}, sentences_per_unit="
                     f"{self.sentences_per_unit}); resume with the settings that wrote it, or use a new output_dir"
                 )
+        for path in done:
+            unit = self._units[path.name[: -len(INDEX_SUFFIX)]]
             meta = shards.read_shard_index(path).meta
             expected = {
-                "unit": {"name": name, "start": unit.start, "stop": unit.stop, "url": unit.url},
+                "unit": {"name": unit.name, "start": unit.start, "stop": unit.stop, "url": unit.url},
                 "layout": self._meta["layout"],
                 "dtype": self._meta["dtype"],
             }
@@ -206,8 +207,8 @@ class TokenWriter(BasePredictionWriter):
         self._close()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        for unit in self._pending:  # the open units go back at once: another process rewrites them whole
-            self._claims.release(unit)
+        if self._claims is not None:  # the open units go back at once: another process rewrites them whole
+            self._claims.release_all()
         self._pending = {}
         self._close()
 

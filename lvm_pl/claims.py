@@ -72,6 +72,12 @@ class Claims:
         if self._mine(self.owner(path)):
             path.unlink(missing_ok=True)
 
+    def release_all(self) -> None:
+        """Drop every claim of this process (a failing run; also units its DataLoader workers had just claimed)."""
+        for path in self.directory.glob(f"*{CLAIM_SUFFIX}"):
+            if self._mine(self.owner(path)):
+                path.unlink(missing_ok=True)
+
     def _mine(self, owner: dict) -> bool:
         return owner.get("host") == self.host and owner.get("pid") == self.pid
 
