@@ -35,9 +35,9 @@ REVIEWED = {
     ): "same temporary directory",
     ("lvm_pl/interop/diffusers_vq.py", "ref.save_pretrained(tmp, safe_serialization=True)"): "the temporary "
     "directory of atomic_dir",
-    ("callbacks/token_writer.py", 'with os.fdopen(fd, "w") as f:'): "lock file made by O_CREAT|O_EXCL; readers "
-    "treat a half-written one as a dead owner's",
-    ("callbacks/token_writer.py", "json.dump(me, f)"): "the same lock file",
+    ("lvm_pl/claims.py", 'with os.fdopen(fd, "w") as f:'): "a work unit's claim, made by O_CREAT|O_EXCL; readers "
+    "treat a half-written one as unknown (stale after its lease)",
+    ("lvm_pl/claims.py", 'json.dump({"host": self.host, "pid": self.pid, "time": time.time()}, f)'): "the same claim",
 }
 SOURCES = ["lvm_pl", "datamodules", "callbacks", "main.py"]
 
