@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,8 @@ class TokenWriter(BasePredictionWriter):
         self._check_done()
         self._claims = Claims(self.output_dir, self.lease_s)
         data.predict_units(units, self._claims)
+        # the unit loader batches itself, so Lightning finds no batch sampler; the batches carry their indices
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
 
     def _check_done(self) -> None:
         """The complete shards already here must be units of this run, written with the same layout."""
