@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from callbacks.token_writer import TokenWriter
 from datamodules.sentences import collate_sentences
-from datamodules.sources.base import range_units
+from datamodules.sources.base import WorkUnit, range_units
 from datamodules.tokens import TokenDataModule
 from datamodules.units import UnitSentences, unit_loader
 from lvm_pl import shards
@@ -170,6 +170,21 @@ def test_resume_encodes_only_the_units_not_done(tmp_path):
     encoded = _tokenize(tmp_path / "run")
     assert sorted(encoded) == sorted(set(range(23)) - done)  # nothing encoded twice
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
+
+
+class WithEmptyUnit(FakeSentenceData):
+    """Sentence data whose second unit holds no sentence, as an empty input shard does."""
+
+    def work_units(self, split, sentences_per_unit):
+        units = range_units(split, self.count, sentences_per_unit)
+        return [units[0], WorkUnit(split, f"{split}-empty", 5, 5), *units[1:]]
+
+
+def test_an_empty_unit_gets_an_empty_shard(tmp_path):
+    _tokenize(tmp_path / "out", data_class=WithEmptyUnit)
+    manifest = shards.load_manifest(tmp_path / "out")
+    assert [s["name"] for s in manifest.shards][:3] == ["train-000000", "train-empty", "train-000001"]
+    assert manifest.shards[1]["sentences"] == 0 and manifest.data["counts"]["sentences"] == 23
 
 
 def test_data_without_work_units_is_refused(tmp_path):
