@@ -198,6 +198,9 @@ class TokenWriter(BasePredictionWriter):
             self._bar.set_postfix_str(f"{self.images_per_s:.1f} images/s", refresh=False)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # units begun but not finished (a batch limit ended predict, or workers had claimed ahead) go back
+        self._claims.release_all()
+        self._pending = {}
         done = self._done()
         left = [name for name in self._units if name not in done]
         if not left and not (self.output_dir / shards.MANIFEST).is_file():
