@@ -76,6 +76,7 @@ class TokenWriter(BasePredictionWriter):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        trainer.predict_loop.return_predictions = False  # a corpus's tokens must not pile up in memory: they are here
         data = stage_data(trainer)
         if data is None or data.image_size is None:
             raise UserError("token writer: tokenizing needs image data; use datamodules.VisualSentenceDataModule")

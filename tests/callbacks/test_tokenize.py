@@ -144,7 +144,8 @@ def test_tokenize_shards_windows_reproduce_encode(tmp_path):
 def test_manifest_records_the_ckpt_path_checkpoint(tmp_path):
     save_checkpoint(FakeTokenizer(), tmp_path / "tok.ckpt")
     trainer = cpu_trainer(callbacks=[_writer(tmp_path / "out")])
-    trainer.predict(FakeTokenizer(), FakeSentenceData(), ckpt_path=tmp_path / "tok.ckpt", return_predictions=False)
+    returned = trainer.predict(FakeTokenizer(), FakeSentenceData(), ckpt_path=tmp_path / "tok.ckpt")
+    assert returned is None, "the writer keeps no predictions in memory (Lightning would, by default)"
     tokenizer = shards.load_manifest(tmp_path / "out").data["tokenizer"]
     assert tokenizer == {"checkpoint": str(tmp_path / "tok.ckpt"), "sha256": shards.sha256_file(tmp_path / "tok.ckpt")}
 
