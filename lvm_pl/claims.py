@@ -52,8 +52,12 @@ class Claims:
                 if not self._take_over(path):
                     return False
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": self.host, "pid": self.pid, "time": time.time()}, f)
+            try:
+                with storage_errors(path), os.fdopen(fd, "w") as f:
+                    json.dump({"host": self.host, "pid": self.pid, "time": time.time()}, f)
+            except BaseException:
+                path.unlink(missing_ok=True)  # a claim saying no owner would hold its unit for a whole lease
+                raise
             if self.done(unit):  # finished by its previous owner between our check and our create
                 self.release(unit)
                 return False

@@ -35,7 +35,8 @@ REVIEWED = {
     ): "same temporary directory",
     ("lvm_pl/interop/diffusers_vq.py", "ref.save_pretrained(tmp, safe_serialization=True)"): "the temporary "
     "directory of atomic_dir",
-    ("lvm_pl/claims.py", 'with os.fdopen(fd, "w") as f:'): "a work unit's claim, made by O_CREAT|O_EXCL; readers "
+    ("lvm_pl/claims.py", 'with storage_errors(path), os.fdopen(fd, "w") as f:'): "a work unit's claim, made by "
+    "O_CREAT|O_EXCL (removed if its write fails); readers "
     "treat a half-written one as unknown (stale after its lease)",
     ("lvm_pl/claims.py", 'json.dump({"host": self.host, "pid": self.pid, "time": time.time()}, f)'): "the same claim",
 }
