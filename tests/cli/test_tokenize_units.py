@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-UNITS = {"train": 12, "val": 3}  # one sentence a unit
+UNITS = {"train": 16, "val": 3}  # one sentence a unit
 SMALL = [
     "--data.init_args.image_size=16",
     "--data.init_args.num_workers=0",
