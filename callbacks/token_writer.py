@@ -67,7 +67,7 @@ class TokenWriter(BasePredictionWriter):
         self._meta: dict = {}
         self._manifest_extra: dict = {}
         self._bar: tqdm | None = None
-        self._images = 0
+        self._images = self._sentences = 0
         self._start = 0.0
         self.images_per_s = 0.0  # this process's images/s since predict started (the progress bar's figure)
 
@@ -166,7 +166,7 @@ class TokenWriter(BasePredictionWriter):
             disable=not trainer.is_global_zero,
         )
         self._start = time.perf_counter()
-        self._images = 0
+        self._images = self._sentences = 0
 
     def write_on_batch_end(
         self,
@@ -194,9 +194,11 @@ class TokenWriter(BasePredictionWriter):
         if batch.last:
             self._finish(batch.unit)
         self._images += int(sum(counts))
+        self._sentences += len(counts)
         self.images_per_s = self._images / max(time.perf_counter() - self._start, 1e-9)
         if self._bar is not None:
-            self._bar.set_postfix_str(f"{self.images_per_s:.1f} images/s", refresh=False)
+            rate = f"{self._sentences} sentences here, {self.images_per_s:.1f} images/s"
+            self._bar.set_postfix_str(rate, refresh=False)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # units begun but not finished (a batch limit ended predict, or workers had claimed ahead) go back
