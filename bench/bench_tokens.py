@@ -16,6 +16,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ from torch.utils.data import DataLoader
 from bench.common import ROOT, vqgan_from_config, write_results
 from callbacks.token_writer import TokenWriter
 from datamodules.sentences import collate_sentences
+from datamodules.sources.base import range_units
 from datamodules.tokens import TokenDataModule
+from datamodules.units import UnitSentences, unit_loader
 from lvm_pl import shards
 from lvm_pl.console import UserError, say
 from lvm_pl.safe_load import weights_only_loads
@@ -79,18 +82,30 @@ class RandomSentences(torch.utils.data.Dataset):
 
 
 class RandomSentenceData(LightningDataModule, StageData):
-    """`SentenceBatch`es of `RandomSentences`, as `VisualSentenceDataModule(unit="sentence")` yields them."""
+    """`UnitBatch`es of `RandomSentences`, as `VisualSentenceDataModule(unit="sentence")` yields them to tokenize."""
 
     layout, seq_len, predict_split = None, None, "train"
 
     def __init__(self, count: int, size: int, batch_size: int) -> None:
         super().__init__()
         self.count, self.image_size, self.batch_size = count, size, batch_size
+        self.units: tuple | None = None
+
+    def work_units(self, split: str, sentences_per_unit: int) -> list:
+        return range_units(split, self.count, sentences_per_unit)
+
+    def predict_units(self, units: list, claims) -> None:
+        self.units = (units, claims)
+
+    def unit_items(self, unit) -> Iterator[dict]:
+        dataset = RandomSentences(self.count, self.image_size)
+        return (dataset[i] for i in range(unit.start, unit.stop))
 
     def predict_dataloader(self) -> DataLoader:
         workers = 4 if torch.cuda.is_available() else 1  # on CPU, workers compete with encode for the same cores
-        dataset = RandomSentences(self.count, self.image_size)
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers, collate_fn=collate_sentences)
+        units, claims = self.units
+        dataset = UnitSentences(units, claims, self.unit_items, self.batch_size, collate_sentences, self.image_size)
+        return unit_loader(dataset, workers)
 
 
 def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int, size: int = 256) -> dict:
@@ -110,7 +125,7 @@ def bench_tokenize(checkpoint: str, device: str, count: int, batch_size: int, si
         sync()
     encode_ips = steps * batch_size / (time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
-        writer = TokenWriter(tmp, split="train")
+        writer = TokenWriter(tmp, sentences_per_unit=4 * batch_size, lease_s=600, split="train")
         trainer = Trainer(
             accelerator="gpu" if device.startswith("cuda") else "cpu",
             devices=1,

@@ -1,126 +1,82 @@
-"""Write the VQGAN's predictions on visual sentences into token shards (`lvm_pl/shards.py`), resumably.
+"""Write the VQGAN's predictions on visual sentences into token shards (`lvm_pl/shards.py`), one per work unit.
 
-Each rank appends the sentences it receives, in order, to its own shards and closes a shard once it holds at least
-`shard_tokens` tokens. Shard boundaries thus depend only on the rank's sentence stream, so a run restarted into the
-same directory skips the sentences of its complete shards and rewrites exactly the shards an uninterrupted run writes.
+A split is cut into work units (`WorkUnit`: a fixed range of its sentences, or one input shard). The data claims
+units one at a time (`lvm_pl/claims.py`) and gives each as consecutive `UnitBatch`es; the writer closes the unit's
+shard at its last batch. Any number of processes on any number of machines (and every rank of a DDP run) can share
+one output directory: each takes the units nobody has done or is doing, and whichever finishes the last unit writes
+the manifest. A shard depends only on its unit, so the split comes out byte-identical however the work was shared,
+killed and resumed.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from tqdm import tqdm
 
 from lvm_pl import shards
-from lvm_pl.atomic import pid_alive, storage_errors
-from lvm_pl.batches import TokenizedSentences
-from lvm_pl.console import UserError, say, warn
+from lvm_pl.atomic import storage_errors, sweep_stale
+from lvm_pl.batches import TokenizedSentences, UnitBatch
+from lvm_pl.claims import CLAIM_SUFFIX, INDEX_SUFFIX, Claims
+from lvm_pl.console import UserError, say
 from lvm_pl.stage_data import stage_data
 from lvm_pl.tokens import TokenLayout
 
 
-class RunLock:
-    """A lock file holding host and pid; a lock left by a dead process on this host is taken over with a warning."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.held = False
-
-    def acquire(self) -> None:
-        with storage_errors(self.path):  # a read-only or full output_dir is named here, before any work
-            self._acquire()
-
-    def _acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner.get("host") == me["host"] and not pid_alive(owner.get("pid", -1)):
-                    warn(f"{self.path}: taking over the lock of dead process {owner.get('pid')}")
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise UserError(
-                    f"{self.path}: another tokenize run (host {owner.get('host')}, pid {owner.get('pid')}) is writing"
-                    " into this directory; wait for it, or delete the lock file if that run is gone"
-                ) from None
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(me, f)
-            except OSError:
-                self.path.unlink(missing_ok=True)  # a full disk must not leave a lock that blocks the next run
-                raise
-            self.held = True
-            return
-        raise UserError(f"{self.path}: could not take the lock; delete the file if no tokenize run is active")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def _owner(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}  # half-written by a process that died between create and write
-
-
 class TokenWriter(BasePredictionWriter):
-    """Prediction writer for tokenizing: the VQGAN's `TokenizedSentences` -> shards.
+    """Prediction writer for tokenizing: the VQGAN's `TokenizedSentences` of each work unit -> one shard.
 
-    `output_dir` holds one split (`split` names its files; it must match the data module's `predict_split` when that
-    exists). Sentences are stored as `[BOS] img_1 ... img_N [EOS]` under the layout built from the model's codebook and
-    the data's image size with `num_special`, `add_bos`, `add_eos`. On resume, sentences already in complete shards
-    are skipped here, and the data module is told them at setup (`StageData.skip_predict`) so it need not load or
-    encode them at all (it keeps each rank's remaining sentences in their original order).
+    `output_dir` holds one split (`split` names its files; it must match the data module's `predict_split`).
+    `sentences_per_unit` sizes the units of sources that cut a split into index ranges; `lease_s` is how long a claim
+    of a process on another host may go untouched before it counts as dead. Sentences are stored as
+    `[BOS] img_1 ... img_N [EOS]` under the layout built from the model's codebook and the data's image size with
+    `num_special`, `add_bos`, `add_eos`.
     """
 
     def __init__(
         self,
         output_dir: str,
+        sentences_per_unit: int,
+        lease_s: float,
         split: str = "train",
-        shard_tokens: int = 1 << 20,
         num_special: int = 100,
         add_bos: bool = True,
         add_eos: bool = True,
     ) -> None:
         super().__init__(write_interval="batch")
-        if shards.parse_shard_name(shard_name := shards.shard_name(split, 0, 0)) is None:
+        if shards.shard_split(shard_name := shards.shard_name(split, 0)) != split:
             raise UserError(f"token writer: split={split!r} must be letters, digits or '_' (got shard {shard_name})")
-        if shard_tokens < 1:
-            raise UserError(f"token writer: shard_tokens={shard_tokens} must be >= 1")
+        if sentences_per_unit < 1 or lease_s <= 0:
+            raise UserError(
+                f"token writer: sentences_per_unit={sentences_per_unit} must be >= 1 and lease_s={lease_s} > 0"
+            )
         self.output_dir = Path(output_dir)
-        self.split = split
-        self.shard_tokens = shard_tokens
+        self.split, self.sentences_per_unit, self.lease_s = split, sentences_per_unit, lease_s
         self.layout_options = {"num_special": num_special, "add_bos": add_bos, "add_eos": add_eos}
         self.layout: TokenLayout | None = None
-        self._lock: RunLock | None = None
-        self._done: set[int] = set()
-        self._seq = 0
-        self._pending: dict[str, list] = {"sentences": [], "num_images": [], "kinds": [], "indices": []}
-        self._pending_tokens = 0
+        self._units: dict = {}  # name -> WorkUnit, in the split's order
+        self._claims: Claims | None = None
+        self._pending: dict[str, dict[str, list]] = {}  # unit -> its sentences so far
+        self._written_by: dict[Path, str | None] = {}
         self._meta: dict = {}
         self._manifest_extra: dict = {}
-        self._written_by: dict[Path, str | None] = {}
-        self._images = 0
+        self._bar: tqdm | None = None
+        self._images = self._sentences = 0
         self._start = 0.0
-        self.images_per_s = 0.0  # this rank's images/s since predict started (the progress bar's figure)
+        self.images_per_s = 0.0  # this process's images/s since predict started (the progress bar's figure)
 
     # ---------------------------------------------------------------- lifecycle
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        trainer.predict_loop.return_predictions = False  # a corpus's tokens must not pile up in memory: they are here
         data = stage_data(trainer)
         if data is None or data.image_size is None:
             raise UserError("token writer: tokenizing needs image data; use datamodules.VisualSentenceDataModule")
@@ -129,74 +85,70 @@ class TokenWriter(BasePredictionWriter):
                 f"token writer: split={self.split!r} but the data predicts split {data.predict_split!r};"
                 " set both to the same"
             )
-        image_size = data.image_size
+        units = data.work_units(self.split, self.sentences_per_unit)
+        if units is None:
+            raise UserError(
+                f"token writer: {data.describe()} does not cut a split into work units; tokenize sentence data"
+                " (datamodules.VisualSentenceDataModule)"
+            )
+        for unit in units:
+            if shards.shard_split(unit.name) != self.split:
+                raise UserError(f"token writer: work unit {unit.name!r} cannot name a shard of split {self.split!r}")
+        self._units = {unit.name: unit for unit in units}
         self.layout = TokenLayout.for_images(
-            int(pl_module.codebook_size), int(image_size), int(pl_module.downsample_factor), **self.layout_options
+            int(pl_module.codebook_size), int(data.image_size), int(pl_module.downsample_factor), **self.layout_options
         )
+        layout, dtype = self.layout.to_dict(), self.layout.storage_dtype.name
         self._meta = {
             "format": shards.FORMAT,
             "version": shards.VERSION,
             "split": self.split,
-            "rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "layout": self.layout.to_dict(),
-            "dtype": self.layout.storage_dtype.name,
+            "layout": layout,
+            "dtype": dtype,
             "tokenizer_sha256": None,  # known once Lightning has restored the checkpoint (on_predict_start)
         }
-        self._manifest_extra = {
-            "split": self.split,
-            "layout": self.layout.to_dict(),
-            "dtype": self.layout.storage_dtype.name,
-            "image_size": int(image_size),
-            "world_size": trainer.world_size,
-        }
-        self._done, self._seq, self._written_by = set(), 0, {}
-        self._pending = {key: [] for key in self._pending}
-        self._pending_tokens = 0
-        self._lock = RunLock(self.output_dir / f".lock-{self.split}-r{trainer.global_rank:05d}")
-        self._lock.acquire()
-        self._resume(trainer)
-        if self._done:
-            data.skip_predict(self._done)  # the data need not even load them
+        self._manifest_extra = {"split": self.split, "layout": layout, "dtype": dtype, "image_size": data.image_size}
+        self._pending, self._written_by = {}, {}
+        with storage_errors(self.output_dir):
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale(self.output_dir)  # temp files of writers on this host that were killed mid-write
+        self._check_done()
+        self._claims = Claims(self.output_dir, self.lease_s)
+        data.predict_units(units, self._claims)
+        # the unit loader batches itself, so Lightning finds no batch sampler; the batches carry their indices
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
 
-    def _resume(self, trainer: Trainer) -> None:
-        """Collect the sentences of this rank's complete shards; remove what an interrupted run left half-written."""
-        rank = trainer.global_rank
-        for path in shards.complete_shards(self.output_dir):
-            split, other_rank, _ = shards.parse_shard_name(path.name[: -len(".idx.npz")])
-            if split != self.split:
-                raise UserError(f"{path}: {self.output_dir} holds split {split!r}; give each split its own output_dir")
-            if other_rank >= trainer.world_size:
+    def _check_done(self) -> None:
+        """The complete shards already here must be units of this run, written with the same layout."""
+        done = shards.complete_shards(self.output_dir)
+        for path in done:
+            if path.name[: -len(INDEX_SUFFIX)] not in self._units:
                 raise UserError(
-                    f"{path}: written by rank {other_rank} but this run has {trainer.world_size} ranks; resume with the"
-                    " same number of devices, or use a new output_dir"
+                    f"{path}: not a work unit of this run (split {self.split!r}, sentences_per_unit="
+                    f"{self.sentences_per_unit}); resume with the settings that wrote it, or use a new output_dir"
                 )
-        mine = [p for p in shards.complete_shards(self.output_dir) if f"-r{rank:05d}-" in p.name]
-        for seq, path in enumerate(mine):
-            idx = shards.read_shard_index(path)
-            if not path.name.startswith(shards.shard_name(self.split, rank, seq)):
-                raise UserError(f"{path}: shard sequence has a gap before it; use a new output_dir")
-            self._written_by[path] = idx.meta.get("tokenizer_sha256")
-            for key in ("world_size", "layout", "dtype"):
-                if idx.meta.get(key) != self._meta[key]:
+        for path in done:
+            unit = self._units[path.name[: -len(INDEX_SUFFIX)]]
+            meta = shards.read_shard_index(path).meta
+            expected = {
+                "unit": {"name": unit.name, "start": unit.start, "stop": unit.stop, "url": unit.url},
+                "layout": self._meta["layout"],
+                "dtype": self._meta["dtype"],
+            }
+            for key, value in expected.items():
+                if meta.get(key) != value:
                     raise UserError(
-                        f"{path}: was written with {key}={idx.meta.get(key)} but this run has {self._meta[key]};"
-                        " use a new output_dir"
+                        f"{path}: was written with {key}={meta.get(key)} but this run has {value}; use a new output_dir"
                     )
-            self._done.update(idx.index.tolist())
-        self._seq = len(mine)
-        stem = shards.shard_name(self.split, rank, self._seq)
-        for leftover in [*self.output_dir.glob(f"{stem}.bin"), *self.output_dir.glob(f".{self.split}-r{rank:05d}-*")]:
-            leftover.unlink(missing_ok=True)
-        if self._seq:
-            say(f"token writer: rank {rank} resumes after {self._seq} shards ({len(self._done)} sentences)")
+            self._written_by[path] = meta.get("tokenizer_sha256")
+        if self._written_by:
+            say(f"token writer: {len(self._written_by)} of {len(self._units)} units of {self.output_dir} are done")
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         checkpoint = trainer.ckpt_path or getattr(pl_module, "checkpoint", None)
         if checkpoint is None:
-            warn("token writer: no tokenizer checkpoint (--ckpt_path); the manifest records none")
-        digest = shards.sha256_file(checkpoint) if trainer.is_global_zero and checkpoint else None
-        digest = trainer.strategy.broadcast(digest, src=0)
+            say("token writer: no tokenizer checkpoint (--ckpt_path); the manifest records none")
+        digest = shards.sha256_file(checkpoint) if checkpoint else None
         for path, written_by in self._written_by.items():
             if written_by != digest:
                 raise UserError(
@@ -205,8 +157,16 @@ class TokenWriter(BasePredictionWriter):
                 )
         self._meta["tokenizer_sha256"] = digest
         self._manifest_extra["tokenizer"] = {"checkpoint": str(checkpoint) if checkpoint else None, "sha256": digest}
+        self._bar = tqdm(
+            total=len(self._units),
+            initial=len(self._written_by),
+            desc=f"tokenize {self.split}",
+            unit="unit",
+            dynamic_ncols=True,
+            disable=not trainer.is_global_zero,
+        )
         self._start = time.perf_counter()
-        self._images = 0
+        self._images = self._sentences = 0
 
     def write_on_batch_end(
         self,
@@ -218,56 +178,79 @@ class TokenWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        if not isinstance(batch, UnitBatch):
+            raise UserError(
+                "token writer: the data gave sentences outside a work unit; tokenize with sentence data that"
+                " claims units (datamodules.VisualSentenceDataModule)"
+            )
+        pending = self._pending.setdefault(batch.unit, {"sentences": [], "num_images": [], "kinds": [], "indices": []})
         tokens = prediction.tokens.cpu()  # [B, N, h, w]
         counts = prediction.num_images.tolist()
         for b, index in enumerate(prediction.index.tolist()):
-            if index in self._done:
-                continue
             sentence = self.layout.sentence(tokens[b, : counts[b]]).numpy().astype(self.layout.storage_dtype)
-            self._add(sentence, counts[b], prediction.kinds[b], index)
+            for key, value in zip(pending, (sentence, counts[b], prediction.kinds[b], index), strict=True):
+                pending[key].append(value)
+        self._claims.touch(batch.unit)
+        if batch.last:
+            self._finish(batch.unit)
         self._images += int(sum(counts))
-        self._show_speed(trainer)
+        self._sentences += len(counts)
+        self.images_per_s = self._images / max(time.perf_counter() - self._start, 1e-9)
+        if self._bar is not None:
+            rate = f"{self._sentences} sentences here, {self.images_per_s:.1f} images/s"
+            self._bar.set_postfix_str(rate, refresh=False)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._pending["sentences"]:
-            self._flush()
-        trainer.strategy.barrier("token_writer")
-        if trainer.is_global_zero:
-            manifest = shards.write_manifest(self.output_dir, self._manifest_extra)
-            c = manifest["counts"]
-            counts = f"{c['sentences']} sentences, {c['images']} images, {c['tokens']} tokens"
-            say(f"tokenized {counts} -> {self.output_dir}")
-        self._release()
+        # units begun but not finished (a batch limit ended predict, or workers had claimed ahead) go back
+        self._claims.release_all()
+        self._pending = {}
+        done = self._done()
+        left = [name for name in self._units if name not in done]
+        if not left and not (self.output_dir / shards.MANIFEST).is_file():
+            self._assemble()  # e.g. the process that finished the last unit was killed before its manifest
+        elif left:
+            say(
+                f"token writer: {len(left)} of {len(self._units)} units of {self.output_dir} are left to other"
+                f" processes (the first: {left[0]}); the one finishing the last writes the manifest, or rerun"
+            )
+        self._close()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()  # the open shard is dropped on purpose: a resumed run rewrites it whole
+        if self._claims is not None:  # the open units go back at once: another process rewrites them whole
+            self._claims.release_all()
+        self._pending = {}
+        self._close()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._release()
+        self._close()
 
     # ---------------------------------------------------------------- internals
 
-    def _add(self, sentence: np.ndarray, num_images: int, kind: str, index: int) -> None:
-        for key, value in zip(self._pending, (sentence, num_images, kind, index), strict=True):
-            self._pending[key].append(value)
-        self._done.add(index)
-        self._pending_tokens += len(sentence)
-        if self._pending_tokens >= self.shard_tokens:
-            self._flush()
+    def _finish(self, name: str) -> None:
+        """Write unit `name`'s shard, drop its claim; the split's manifest too if it was the last."""
+        unit = self._units[name]
+        meta = {**self._meta, "unit": {"name": name, "start": unit.start, "stop": unit.stop, "url": unit.url}}
+        shards.write_shard(self.output_dir, name, meta=meta, **self._pending.pop(name))
+        self._claims.release(name)
+        done = self._done()
+        if self._bar is not None:
+            self._bar.update(sum(n in done for n in self._units) - self._bar.n)  # also the units others finished
+        if all(n in done for n in self._units):
+            self._assemble()
 
-    def _flush(self) -> None:
-        name = shards.shard_name(self.split, self._meta["rank"], self._seq)
-        shards.write_shard(self.output_dir, name, meta=self._meta, **self._pending)
-        self._seq += 1
-        self._pending = {key: [] for key in self._pending}
-        self._pending_tokens = 0
+    def _done(self) -> set[str]:
+        """The units whose shards are complete, from one listing of the output directory."""
+        return {f[: -len(INDEX_SUFFIX)] for f in os.listdir(self.output_dir) if f.endswith(INDEX_SUFFIX)}
 
-    def _show_speed(self, trainer: Trainer) -> None:
-        self.images_per_s = self._images / max(time.perf_counter() - self._start, 1e-9)
-        bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)
-        if bar is not None:
-            bar.set_postfix({"images/s": f"{self.images_per_s:.1f}"}, refresh=False)
+    def _assemble(self) -> None:
+        """The manifest, in the units' order (the same bytes whichever process writes it); the claims go."""
+        manifest = shards.write_manifest(self.output_dir, list(self._units), self._manifest_extra)
+        for name in self._units:
+            (self.output_dir / f"{name}{CLAIM_SUFFIX}").unlink(missing_ok=True)
+        c = manifest["counts"]
+        say(f"tokenized {c['sentences']} sentences, {c['images']} images, {c['tokens']} tokens -> {self.output_dir}")
 
-    def _release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -17,7 +17,7 @@ class SentenceStream(IterableDataset):
     """The items of one split of a streaming `source`; `items(index, sentence)` makes a sentence's items (its images,
     or itself). `shuffle_seed` None: one pass in stored order (evaluation, predict); else training: shards permuted
     and items mixed by (seed, epoch), the rank's shards repeated up to `epoch_length` items when the source sets it.
-    Sentences whose index is in `skip` are left out (a resumed tokenize run wrote them)."""
+    (Tokenizing does not come through here: it reads work units, one input shard each.)"""
 
     def __init__(
         self,
@@ -27,10 +27,9 @@ class SentenceStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         shuffle_seed: int | None = None,
-        skip: frozenset[int] = frozenset(),
     ) -> None:
         self.source, self.split, self.items = source, split, items
-        self.rank, self.world_size, self.shuffle_seed, self.skip = rank, world_size, shuffle_seed, skip
+        self.rank, self.world_size, self.shuffle_seed = rank, world_size, shuffle_seed
         self.epoch = 0  # set by StreamLoader before each pass, so workers started for the pass see it
 
     def __iter__(self) -> Iterator[dict]:
@@ -48,8 +47,7 @@ class SentenceStream(IterableDataset):
 
     def _pass(self, part: int, parts: int, shuffle: list[int] | None) -> Iterator[dict]:
         for index, sentence in self.source.stream(self.split, part, parts, shuffle):
-            if index not in self.skip:
-                yield from self.items(index, sentence)
+            yield from self.items(index, sentence)
 
     def _passes(self, part: int, parts: int) -> Iterator[dict]:
         """This part's shards over and over, each pass in a new order."""

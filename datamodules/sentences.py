@@ -12,13 +12,15 @@ from typing import Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.imageio import fit_image
 from datamodules.order import TrainLoader, TrainOrder
 from datamodules.sentence_stream import SentenceStream, StreamLoader
-from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence
+from datamodules.sources.base import SPLITS, SentenceSource, VisualSentence, WorkUnit
+from datamodules.units import UnitSentences, unit_loader
 from lvm_pl.batches import ImageBatch, SentenceBatch, pad_stacks
+from lvm_pl.claims import Claims
 from lvm_pl.console import UserError
 from lvm_pl.images import to_tensor
 from lvm_pl.stage_data import StageData
@@ -80,18 +82,6 @@ def collate_sentences(items: list[dict]) -> SentenceBatch:
     )
 
 
-class _PredictSampler(DistributedSampler):
-    """This rank's sentences as Lightning shards predict data (rank::world, in order), minus `skip`."""
-
-    def __init__(self, size: int, num_replicas: int, rank: int, skip: set[int]) -> None:
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.indices = [i for i in range(rank, size, num_replicas) if i not in skip]
-        self.num_samples = len(self.indices)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-
 class VisualSentenceDataModule(LightningDataModule, StageData):
     """Visual sentences from `source`, resized (shorter side to `image_size`, then a centre or random crop).
 
@@ -133,11 +123,16 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         self.batch_size, self.num_workers, self.seed, self.predict_split = batch_size, num_workers, seed, predict_split
         self._ready = False
         self.order = TrainOrder(batch_size, seed)
-        self._predict_skip: set[int] = set()  # sentences a resumed tokenize run already wrote
+        self._units: tuple[list[WorkUnit], Claims] | None = None  # set by the token writer: predict claims units
 
-    def skip_predict(self, indices: set[int]) -> None:
-        """Leave these sentences of `predict_split` out of `predict` (the token writer's complete shards hold them)."""
-        self._predict_skip = set(indices)
+    def work_units(self, split: str, sentences_per_unit: int) -> list[WorkUnit]:
+        """The work units tokenizing `split` is cut into (the source's: index ranges, or one per input shard)."""
+        self.setup()
+        return self.source.work_units(split, sentences_per_unit)
+
+    def predict_units(self, units: list[WorkUnit], claims: Claims) -> None:
+        """Make `predict` yield the `units` this process can take through `claims` (tokenizing)."""
+        self._units = (units, claims)
 
     def setup(self, stage: str | None = None) -> None:
         """Prepare the source once and check every sentence is long enough."""
@@ -183,6 +178,13 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         images = [fit_image(x, self.image_size, crop) for x in s.images[: self.clip_length(len(s.images))]]
         return VisualSentence(images, s.kind, s.meta)
 
+    def unit_items(self, unit: WorkUnit) -> Iterator[dict]:
+        """The sentences of a work unit in order, as the modules see them (resized, cropped, cut) and collate takes
+        them."""
+        self.setup()
+        for index, s in self.source.unit_sentences(unit):
+            yield sentence_item(self._fit(unit.split, index, s), index)
+
     def image(self, split: str, index: int, position: int) -> tuple[np.ndarray, str]:
         """Image `position` of sentence `index` of `split` (resized and cropped like `sentence` does) and its kind."""
         self.setup()
@@ -206,12 +208,12 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         s = self._fit(split, index, self._long_enough(split, index, s))
         return [image_item(x, s.kind) for x in s.images] if self.unit == "image" else [sentence_item(s, index)]
 
-    def stream(self, split: str, shuffle: bool = False, skip: frozenset[int] = frozenset()) -> SentenceStream:
+    def stream(self, split: str, shuffle: bool = False) -> SentenceStream:
         """The iterable dataset of a streaming source's `split`: this rank's part, for this DataModule's `unit`."""
         self.setup()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         items = partial(self._stream_items, split)
-        return SentenceStream(self.source, split, items, rank, world, self.seed if shuffle else None, skip)
+        return SentenceStream(self.source, split, items, rank, world, self.seed if shuffle else None)
 
     def dataset(self, split: str) -> SentenceDataset:
         """The map-style dataset of `split` for this DataModule's `unit`."""
@@ -264,16 +266,13 @@ class VisualSentenceDataModule(LightningDataModule, StageData):
         return self._loader(self._split_data("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        if self.source.streaming:  # each rank and worker its own shards, minus what a resumed run wrote
-            return self._loader(self.stream(self.predict_split, skip=frozenset(self._predict_skip)))
-        if not self._predict_skip:
+        if self._units is None:  # a plain predict; tokenizing hands its work units over first (predict_units)
+            if self.source.streaming:  # each rank and worker its own shards
+                return self._loader(self.stream(self.predict_split))
             return self._loader(self.dataset(self.predict_split))
-        # a resumed tokenize run: the TokenWriter has named the sentences its complete shards already hold
-        ds = self.dataset(self.predict_split)
-        sampler = _PredictSampler(len(ds), self.trainer.world_size, self.trainer.global_rank, self._predict_skip)
-        return DataLoader(
-            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate
-        )
+        units, claims = self._units
+        dataset = UnitSentences(units, claims, self.unit_items, self.batch_size, collate_sentences, self.image_size)
+        return unit_loader(dataset, self.num_workers)
 
     def state_dict(self) -> dict:
         """Where training is in its order (checkpointed by Lightning)."""

@@ -2,6 +2,7 @@
 
     ImageBatch     images one by one                     VQGAN fit / validate / test
     SentenceBatch  whole visual sentences of images      tokenizing (VQGAN predict), LVM on images, LVM test with pixels
+    UnitBatch      a SentenceBatch from one work unit    tokenizing: the token writer closes the unit's shard at `last`
     TokenBatch     packed windows of token ids           LVM fit / validate / test on token shards
     PromptBatch    prompt images (+ optional truth)      LVM predict (visual prompting)
 
@@ -44,6 +45,14 @@ class SentenceBatch:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+@dataclass
+class UnitBatch(SentenceBatch):
+    """Consecutive sentences of one tokenizing work unit (`unit`: its name); `last`: the unit's final batch."""
+
+    unit: str = ""
+    last: bool = False
 
 
 @dataclass

@@ -2,23 +2,26 @@
 
 A tokenized split is one directory:
 
-    manifest.json                   written last, by rank 0, when every rank has finished
-    <split>-r<rank>-<seq>.bin       token ids of whole sentences back to back, raw little-endian
+    manifest.json                   written when the split's last work unit is done, by the process that did it
+    <unit>.bin                      token ids of whole sentences back to back, raw little-endian
                                     `layout.storage_dtype` (uint16 when the vocabulary fits, else int32)
-    <split>-r<rank>-<seq>.idx.npz   the shard's index (plain `np.savez`, no pickle):
+    <unit>.idx.npz                  the shard's index (plain `np.savez`, no pickle):
         offsets     int64 [S + 1]   sentence s is tokens[offsets[s]:offsets[s + 1]]
         num_images  int32 [S]       images in each sentence
-        index       int64 [S]       the sentence's stable index within its split (resume key)
+        index       int64 [S]       the sentence's stable index within its split (its position, for shard sources)
         kind        int32 [S]       index into `kinds`
         kinds       str   [K]       the sentence kinds seen in this shard
-        meta        str   []        JSON: format, version, split, rank, world_size, layout, dtype, tokenizer sha256,
-                                    counts, and the .bin's byte size and sha256
+        meta        str   []        JSON: format, version, split, unit {name, start, stop, url}, layout, dtype,
+                                    tokenizer sha256, counts, and the .bin's byte size and sha256
 
-Each sentence is `[BOS] img_1 ... img_N [EOS]` as `lvm_pl.tokens.TokenLayout.sentence` builds it. A shard is complete
-when its `.idx.npz` exists: the `.bin` is written (atomically) first, the index (atomically) after it. The manifest
+One shard per work unit (`datamodules.sources.base.WorkUnit`: a fixed range of the split's sentences, or one input
+shard), named after it: `<split>-<number or input shard>`, e.g. `train-000012`. Each sentence is
+`[BOS] img_1 ... img_N [EOS]` as `lvm_pl.tokens.TokenLayout.sentence` builds it. A shard is complete when its
+`.idx.npz` exists: the `.bin` is written (atomically) first, the index (atomically) after it. The manifest
 (`format`, `version`, `split`, `layout`, `dtype`, `image_size`, `tokenizer` {checkpoint, sha256}, `counts`, and per
 shard `name`, `sentences`, `images`, `tokens`, `bytes`, `sha256`) is what readers open; shards are read in the order
-the manifest lists them (sorted by name), which fixes the token stream.
+the manifest lists them (the units' order), which fixes the token stream. Nothing in a shard or the manifest says
+which process or how many wrote them: the files are the same whoever did which unit.
 """
 
 from __future__ import annotations
@@ -40,19 +43,19 @@ from lvm_pl.tokens import TokenLayout
 FORMAT = "lvm-pl-token-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-r(?P<rank>\d{5})-(?P<seq>\d{5})$")
+_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _HASH_CHUNK = 1 << 24
 
 
-def shard_name(split: str, rank: int, seq: int) -> str:
-    """File stem of shard `seq` written by `rank`, e.g. `train-r00003-00012`."""
-    return f"{split}-r{rank:05d}-{seq:05d}"
+def shard_name(split: str, number: int) -> str:
+    """File stem of the shard of a split's unit `number` (a range of its sentences), e.g. `train-000012`."""
+    return f"{split}-{number:06d}"
 
 
-def parse_shard_name(stem: str) -> tuple[str, int, int] | None:
-    """Inverse of `shard_name`: (split, rank, seq), or None for other files."""
+def shard_split(stem: str) -> str | None:
+    """The split a shard's file stem names (`<split>-<unit>`), or None for a name that cannot be a shard's."""
     m = _NAME.match(stem)
-    return (m["split"], int(m["rank"]), int(m["seq"])) if m else None
+    return m["split"] if m else None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -138,17 +141,18 @@ def read_shard_index(path: str | Path) -> ShardIndex:
 
 
 def complete_shards(directory: str | Path) -> list[Path]:
-    """Index files of the complete shards in `directory`, sorted by name (split, rank, seq)."""
-    stems = [p for p in Path(directory).glob("*.idx.npz") if parse_shard_name(p.name[: -len(".idx.npz")])]
+    """Index files of the complete shards in `directory`, sorted by name."""
+    stems = [p for p in Path(directory).glob("*.idx.npz") if shard_split(p.name[: -len(".idx.npz")])]
     return sorted(stems)
 
 
-def write_manifest(directory: str | Path, extra: dict) -> dict:
-    """Collect every complete shard of `directory` into `manifest.json` (atomic); returns the manifest."""
+def write_manifest(directory: str | Path, names: list[str], extra: dict) -> dict:
+    """Collect the shards `names` of `directory`, in that order (their units'), with `extra` keys into
+    `manifest.json` (atomic); returns the manifest."""
     directory = Path(directory)
     shards, counts = [], {"shards": 0, "sentences": 0, "images": 0, "tokens": 0}
-    for path in complete_shards(directory):
-        meta = read_shard_index(path).meta
+    for name in names:
+        meta = read_shard_index(directory / f"{name}.idx.npz").meta
         shards.append({k: meta[k] for k in ("name", "sentences", "images", "tokens", "bytes", "sha256")})
         for key in ("sentences", "images", "tokens"):
             counts[key] += meta[key]
@@ -237,7 +241,7 @@ def write_split(
     kinds: list[str] | None = None,
     shard_tokens: int = 1 << 20,
 ) -> dict:
-    """Write sentences of codebook ids (`images[s]`: [N_s, tokens_per_image]) as one rank's shards plus the manifest.
+    """Write sentences of codebook ids (`images[s]`: [N_s, tokens_per_image]) as shards plus the manifest.
 
     The in-memory path (benchmarks, tests, imports of already-tokenized data); tokenizing images goes through
     `callbacks/token_writer.py`.
@@ -246,23 +250,22 @@ def write_split(
         "format": FORMAT,
         "version": VERSION,
         "split": split,
-        "rank": 0,
-        "world_size": 1,
         "layout": layout.to_dict(),
         "dtype": layout.storage_dtype.name,
         "tokenizer_sha256": None,
     }
     kinds = kinds or ["unknown"] * len(images)
     pending: dict[str, list] = {"sentences": [], "num_images": [], "kinds": [], "indices": []}
-    seq, size = 0, 0
+    seq, size, names = 0, 0, []
     for s, ids in enumerate(images):
         sentence = layout.sentence(torch.as_tensor(np.asarray(ids, dtype=np.int64))).numpy()
         for key, value in zip(pending, (sentence.astype(layout.storage_dtype), len(ids), kinds[s], s), strict=True):
             pending[key].append(value)
         size += len(sentence)
         if size >= shard_tokens or s == len(images) - 1:
-            write_shard(directory, shard_name(split, 0, seq), meta=meta, **pending)
+            names.append(shard_name(split, seq))
+            write_shard(directory, names[-1], meta=meta, **pending)
             pending = {key: [] for key in pending}
             seq, size = seq + 1, 0
-    extra = {"split": split, "layout": layout.to_dict(), "dtype": layout.storage_dtype.name, "world_size": 1}
-    return write_manifest(directory, {**extra, "tokenizer": {"checkpoint": None, "sha256": None}})
+    extra = {"split": split, "layout": layout.to_dict(), "dtype": layout.storage_dtype.name}
+    return write_manifest(directory, names, {**extra, "tokenizer": {"checkpoint": None, "sha256": None}})

@@ -7,12 +7,16 @@ through `stage_data(trainer)`, never through undeclared attributes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from lvm_pl.batches import Sentence
 from lvm_pl.tokens import TokenLayout
+
+if TYPE_CHECKING:
+    from datamodules.sources.base import WorkUnit
+    from lvm_pl.claims import Claims
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,12 @@ class StageData(Protocol):
         """The data in a few words, for messages (e.g. the first manifest of token shards)."""
         return type(self).__name__
 
-    def skip_predict(self, indices: set[int]) -> None:
-        """Leave these sentences out of `predict` (a resumed tokenize run already wrote them). Data that cannot
-        skip gives them again and the token writer drops them: slower, never wrong."""
+    def work_units(self, split: str, sentences_per_unit: int) -> list[WorkUnit] | None:
+        """The work units tokenizing `split` is cut into (sentence data), else None."""
+        return None
+
+    def predict_units(self, units: list[WorkUnit], claims: Claims) -> None:
+        """Make `predict` yield the `units` this process can take through `claims`, as `UnitBatch`es (tokenizing)."""
 
 
 def stage_data(trainer) -> StageData | None:

@@ -6,7 +6,8 @@ per command that runs `main.py` as `__main__` with that command's argv, cwd and 
   (`python tests/cli_runner.py N < requests.jsonl`: {"argv", "cwd", "env", "stdout", "stderr"} per line ->
   one {"index", "rc", "seconds"} line per request on stdout, in order of completion);
 - `WarmCLI`: one server kept for the whole test session (the `main_py` fixture of tests/conftest.py), answering one
-  command at a time as a test asks (`python tests/cli_runner.py --stream`).
+  command at a time as a test asks (`python tests/cli_runner.py --stream`); `start` runs one in the background
+  (its pid, e.g. for a test to SIGKILL it) and `wait` collects it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +117,8 @@ def run_commands(commands: list[dict], parallel: int = 2, timeout: float = 600) 
 
 
 def serve_stream() -> None:
-    """Answer requests one by one as they arrive on stdin, until it closes: fork, wait, reply."""
+    """Answer requests one by one as they arrive on stdin, until it closes: fork, wait, reply. A request with
+    `detach` is answered with the child's pid at once; `{"wait": pid}` waits for such a child and replies its rc."""
     import importlib
 
     for name in PRELOAD:
@@ -126,12 +129,28 @@ def serve_stream() -> None:
             continue
         request = json.loads(line)
         start = time.perf_counter()
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
+        if "wait" in request:
+            pid = request["wait"]
+        else:
+            pid = os.fork()
+            if pid == 0:
+                _child(request)
+            if request.get("detach"):
+                print(json.dumps({"pid": pid}), flush=True)
+                continue
         _, status = os.waitpid(pid, 0)
         reply = {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start}
         print(json.dumps(reply), flush=True)
+
+
+@dataclass
+class Started:
+    """A command sent to the warm server: its argv, where its output goes, its pid once started in the background."""
+
+    argv: list[str]
+    out: Path
+    err: Path
+    pid: int | None = None
 
 
 class WarmCLI:
@@ -154,26 +173,43 @@ class WarmCLI:
         self, argv: list[str], cwd: str | Path | None = None, env: dict | None = None, timeout: float = 300
     ) -> subprocess.CompletedProcess:
         """Run `main.py argv` in `cwd` (default: the current directory) with `env` (default: this environment)."""
+        return self.wait(self._send(argv, cwd, env), timeout)
+
+    def start(self, argv: list[str], cwd: str | Path | None = None, env: dict | None = None) -> Started:
+        """Start `main.py argv` in the background (as `run` would run it); `wait` collects it."""
+        started = self._send(argv, cwd, env, detach=True)
+        started.pid = json.loads(self.proc.stdout.readline())["pid"]
+        return started
+
+    def wait(self, started: Started, timeout: float = 300) -> subprocess.CompletedProcess:
+        """The finished command (its exit code; -9 for one killed by SIGKILL), once it ends."""
         import select
 
+        if started.pid is not None:
+            self.proc.stdin.write(json.dumps({"wait": started.pid}) + "\n")
+            self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.close()  # the hung child goes with its server; the next command starts a fresh one
+            raise subprocess.TimeoutExpired(["main.py", *started.argv], timeout)
+        reply = json.loads(self.proc.stdout.readline())
+        completed = subprocess.CompletedProcess(
+            ["main.py", *started.argv], reply["rc"], started.out.read_text(), started.err.read_text()
+        )
+        started.out.unlink()
+        started.err.unlink()
+        return completed
+
+    def _send(self, argv: list[str], cwd: str | Path | None, env: dict | None, detach: bool = False) -> Started:
         if self.proc is None or self.proc.poll() is not None:
             self.proc = self._start()
         self.count += 1
         out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
         request = {"argv": [str(a) for a in argv], "cwd": str(cwd or os.getcwd()), "env": dict(env or os.environ)}
-        self.proc.stdin.write(json.dumps(request | {"stdout": str(out), "stderr": str(err)}) + "\n")
+        request |= {"stdout": str(out), "stderr": str(err), "detach": detach}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.close()  # the hung child goes with its server; the next command starts a fresh one
-            raise subprocess.TimeoutExpired(["main.py", *request["argv"]], timeout)
-        reply = json.loads(self.proc.stdout.readline())
-        completed = subprocess.CompletedProcess(
-            ["main.py", *request["argv"]], reply["rc"], out.read_text(), err.read_text()
-        )
-        out.unlink()
-        err.unlink()
-        return completed
+        return Started(request["argv"], out, err)
 
     def close(self) -> None:
         if self.proc is not None:

@@ -186,11 +186,17 @@ def s3_server_checking_credentials():
 
 
 @pytest.fixture(scope="session")
-def main_py():
-    """`main_py(argv, cwd=None, env=None)`: `python main.py argv` as a subprocess runs it (its own process, `main.py` as
-    `__main__`, exit code, stdout, stderr), forked from one warm server per worker so the imports are paid once."""
+def warm_cli():
+    """The warm `main.py` server of this worker (tests/cli_runner.py `WarmCLI`): `run`, or `start` + `wait`."""
     from cli_runner import WarmCLI
 
     runner = WarmCLI()
-    yield runner.run
+    yield runner
     runner.close()
+
+
+@pytest.fixture(scope="session")
+def main_py(warm_cli):
+    """`main_py(argv, cwd=None, env=None)`: `python main.py argv` as a subprocess runs it (its own process, `main.py` as
+    `__main__`, exit code, stdout, stderr), forked from one warm server per worker so the imports are paid once."""
+    return warm_cli.run

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lvm_pl.shards import shard_name
+
 SPLITS = ("train", "val", "test")
 
 
@@ -97,14 +99,18 @@ class SentenceSource(ABC):
 
     def work_units(self, split: str, sentences_per_unit: int) -> list[WorkUnit]:
         """The units tokenizing splits `split` into: fixed index ranges here; shard sources give one per shard."""
-        n = self.split_size(split)
-        step = max(1, sentences_per_unit)
-        return [WorkUnit(split, f"{split}-{s // step:06d}", s, min(s + step, n)) for s in range(0, n, step)]
+        return range_units(split, self.split_size(split), sentences_per_unit)
 
     def unit_sentences(self, unit: WorkUnit) -> Iterator[tuple[int, VisualSentence]]:
         """The sentences of `unit` in order, each with its index in the split (its position for shard sources)."""
         for i in range(unit.start, unit.stop):
             yield i, self.sentence(unit.split, i)
+
+
+def range_units(split: str, size: int, sentences_per_unit: int) -> list[WorkUnit]:
+    """A split of `size` sentences as consecutive index ranges of `sentences_per_unit` (the last may be shorter)."""
+    step = max(1, sentences_per_unit)
+    return [WorkUnit(split, shard_name(split, s // step), s, min(s + step, size)) for s in range(0, size, step)]
 
 
 def stable_fraction(name: str, seed: int) -> float:

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -9,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from helpers import TESTS, cpu_trainer, save_checkpoint
 from lightning.pytorch import LightningDataModule, LightningModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
-from callbacks.token_writer import RunLock, TokenWriter
+from callbacks.token_writer import TokenWriter
 from datamodules.sentences import collate_sentences
+from datamodules.sources.base import WorkUnit, range_units
 from datamodules.tokens import TokenDataModule
+from datamodules.units import UnitSentences, unit_loader
 from lvm_pl import shards
 from lvm_pl.batches import SentenceBatch, TokenizedSentences
 from lvm_pl.console import UserError
@@ -61,50 +64,44 @@ class _Sentences(Dataset):
         return {"images": images, "kind": f"kind{i % 2}", "index": i}  # as SentenceDataset's items
 
 
-class _SkipSampler(DistributedSampler):
-    """This rank's sentences as Lightning shards predict data (`rank::world`, in order), minus `skip`."""
-
-    def __init__(self, size, num_replicas, rank, skip):
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.indices = [i for i in range(rank, size, num_replicas) if i not in skip]
-        self.num_samples = len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-
 class FakeSentenceData(LightningDataModule, StageData):
-    """Stands in for VisualSentenceDataModule(unit="sentence"): its batches, `image_size`, `predict_split`.
-    `can_skip`: leaves the sentences `skip_predict` names out of predict; else serves them all again."""
+    """Stands in for VisualSentenceDataModule(unit="sentence"): its `UnitBatch`es, `image_size`, `predict_split`."""
 
     layout, seq_len = None, None
 
-    def __init__(self, count: int = 23, batch_size: int = 4, predict_split: str = "train", can_skip: bool = False):
+    def __init__(self, count: int = 23, batch_size: int = 4, predict_split: str = "train"):
         super().__init__()
         self.count, self.batch_size, self.predict_split, self.image_size = count, batch_size, predict_split, IMAGE_SIZE
-        self.can_skip, self.skip = can_skip, set()
+        self.units = None
 
-    def skip_predict(self, indices: set[int]) -> None:
-        if self.can_skip:
-            self.skip = set(indices)
+    def work_units(self, split, sentences_per_unit):
+        return range_units(split, self.count, sentences_per_unit)
+
+    def predict_units(self, units, claims) -> None:
+        self.units = (units, claims)
 
     def predict_dataloader(self):
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = _SkipSampler(self.count, world, rank, self.skip) if self.skip else None
         data = _Sentences(self.count)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_sentences)
+        items = lambda unit: (data[i] for i in range(unit.start, unit.stop))  # noqa: E731
+        dataset = UnitSentences(*self.units, items, self.batch_size, collate_sentences, IMAGE_SIZE)
+        return unit_loader(dataset, num_workers=0)
 
 
-class UnnumberedSentenceData(FakeSentenceData):
-    """Sentence data that does not declare `skip_predict`: StageData's default refuses a resume."""
+class PlainSentenceData(FakeSentenceData):
+    """Sentence data that does not cut a split into work units (StageData's defaults)."""
 
-    skip_predict = StageData.skip_predict
+    work_units = StageData.work_units
+    predict_units = StageData.predict_units
 
 
-def _tokenize(out, fail_at_batch=-1, shard_tokens=40, checkpoint=None, **data):
+def _writer(out, sentences_per_unit=5, split="train") -> TokenWriter:
+    return TokenWriter(str(out), sentences_per_unit, lease_s=60, split=split, num_special=4)
+
+
+def _tokenize(out, fail_at_batch=-1, sentences_per_unit=5, checkpoint=None, **data):
     """Tokenize `FakeSentenceData(**data)` into `out`; returns the sentence indices the model encoded."""
     model = FakeTokenizer(fail_at_batch, checkpoint)
-    trainer = cpu_trainer(callbacks=[TokenWriter(str(out), split="train", shard_tokens=shard_tokens, num_special=4)])
+    trainer = cpu_trainer(callbacks=[_writer(out, sentences_per_unit)])
     data_class = data.pop("data_class", FakeSentenceData)
     trainer.predict(model, data_class(**data), return_predictions=False)
     return model.encoded
@@ -138,14 +135,17 @@ def test_tokenize_shards_windows_reproduce_encode(tmp_path):
         for k in idx.kind
     ]
     assert kinds == [f"kind{i % 2}" for i in range(23)]
-    assert not list((tmp_path / "out").glob(".lock*")), "the lock is released at the end"
+    assert manifest["counts"]["shards"] == 5 and [s["name"] for s in manifest["shards"]] == [
+        f"train-{u:06d}" for u in range(5)
+    ]
+    assert not list((tmp_path / "out").glob("*.claim")), "the claims go at the end"
 
 
 def test_manifest_records_the_ckpt_path_checkpoint(tmp_path):
     save_checkpoint(FakeTokenizer(), tmp_path / "tok.ckpt")
-    writer = TokenWriter(str(tmp_path / "out"), num_special=4)
-    trainer = cpu_trainer(callbacks=[writer])
-    trainer.predict(FakeTokenizer(), FakeSentenceData(), ckpt_path=tmp_path / "tok.ckpt", return_predictions=False)
+    trainer = cpu_trainer(callbacks=[_writer(tmp_path / "out")])
+    returned = trainer.predict(FakeTokenizer(), FakeSentenceData(), ckpt_path=tmp_path / "tok.ckpt")
+    assert returned is None, "the writer keeps no predictions in memory (Lightning would, by default)"
     tokenizer = shards.load_manifest(tmp_path / "out").data["tokenizer"]
     assert tokenizer == {"checkpoint": str(tmp_path / "tok.ckpt"), "sha256": shards.sha256_file(tmp_path / "tok.ckpt")}
 
@@ -161,62 +161,52 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path):
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
 
 
-def test_resume_leaves_written_sentences_out_of_predict_when_the_data_can(tmp_path):
+def test_resume_encodes_only_the_units_not_done(tmp_path):
     _tokenize(tmp_path / "ref")
     with pytest.raises(RuntimeError):
-        _tokenize(tmp_path / "run", fail_at_batch=4, can_skip=True)
+        _tokenize(tmp_path / "run", fail_at_batch=4)  # 2 batches a unit: units 0 and 1 done, unit 2 begun
     done = {i for p in shards.complete_shards(tmp_path / "run") for i in shards.read_shard_index(p).index.tolist()}
-    assert done
-    encoded = _tokenize(tmp_path / "run", can_skip=True)
+    assert done == set(range(10))
+    assert not list((tmp_path / "run").glob("*.claim")), "a failing run gives its open unit back"
+    encoded = _tokenize(tmp_path / "run")
     assert sorted(encoded) == sorted(set(range(23)) - done)  # nothing encoded twice
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
 
 
-def test_resume_with_data_that_cannot_skip_sentences_drops_them_in_the_writer(tmp_path):
-    """Data without `skip_predict` gives the written sentences again; the writer drops them: same shards."""
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        _tokenize(tmp_path / "run", fail_at_batch=4)
-    _tokenize(tmp_path / "run", data_class=UnnumberedSentenceData)
-    _tokenize(tmp_path / "fresh", data_class=UnnumberedSentenceData)
-    assert shards.load_manifest(tmp_path / "run").data["counts"]["sentences"] == 23
-    resumed = {p.name: p.read_bytes() for p in sorted((tmp_path / "run").glob("*.bin"))}
-    assert resumed == {p.name: p.read_bytes() for p in sorted((tmp_path / "fresh").glob("*.bin"))}
+class WithEmptyUnit(FakeSentenceData):
+    """Sentence data whose second unit holds no sentence, as an empty input shard does."""
+
+    def work_units(self, split, sentences_per_unit):
+        units = range_units(split, self.count, sentences_per_unit)
+        return [units[0], WorkUnit(split, f"{split}-empty", 5, 5), *units[1:]]
 
 
-_KILL_SCRIPT = """
-import os, signal, sys
-sys.path[:0] = [{tests!r}, {helpers!r}]
-import test_tokenize as t
-from callbacks.token_writer import TokenWriter
-orig = TokenWriter._flush
-def flush_then_die(self):
-    orig(self)
-    if self._seq == 2:
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all: the lock and any temp files stay behind
-TokenWriter._flush = flush_then_die
-t._tokenize({out!r})
-"""
+def test_an_empty_unit_gets_an_empty_shard(tmp_path):
+    _tokenize(tmp_path / "out", data_class=WithEmptyUnit)
+    manifest = shards.load_manifest(tmp_path / "out")
+    assert [s["name"] for s in manifest.shards][:3] == ["train-000000", "train-empty", "train-000001"]
+    assert manifest.shards[1]["sentences"] == 0 and manifest.data["counts"]["sentences"] == 23
 
 
-def test_killed_run_leaves_stale_lock_that_is_taken_over(tmp_path):
+def test_data_without_work_units_is_refused(tmp_path):
+    trainer = cpu_trainer(callbacks=[_writer(tmp_path / "out")])
+    with pytest.raises(UserError, match="PlainSentenceData does not cut a split into work units"):
+        trainer.predict(FakeTokenizer(), PlainSentenceData(), return_predictions=False)
+
+
+def test_a_unit_claimed_by_a_live_process_is_left_to_it(tmp_path):
     _tokenize(tmp_path / "ref")
-    script = _KILL_SCRIPT.format(tests=os.path.dirname(__file__), helpers=str(TESTS), out=str(tmp_path / "run"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (tmp_path / "run" / ".lock-train-r00000").exists()
-    assert len(shards.complete_shards(tmp_path / "run")) == 2
-    with pytest.warns(UserWarning, match="taking over the lock of dead process"):
-        _tokenize(tmp_path / "run")
+    with subprocess.Popen(["sleep", "60"]) as other:  # a live process on this host, holding unit 1
+        claim = tmp_path / "run" / "train-000001.claim"
+        claim.parent.mkdir()
+        claim.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "time": 0}))
+        encoded = _tokenize(tmp_path / "run")
+        other.kill()
+    assert sorted(encoded) == [i for i in range(23) if not 5 <= i < 10]
+    assert not (tmp_path / "run" / "manifest.json").exists(), "the last unit is not done yet"
+    with pytest.warns(UserWarning, match=f"taking over the claim of dead process {other.pid}"):
+        assert sorted(_tokenize(tmp_path / "run")) == list(range(5, 10))
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
-
-
-def test_concurrent_run_is_refused(tmp_path):
-    lock = RunLock(tmp_path / "out" / ".lock-train-r00000")
-    lock.acquire()  # this live process holds it, as a running tokenize would
-    with pytest.raises(UserError, match=r"another tokenize run .* is writing into this directory"):
-        _tokenize(tmp_path / "out")
-    lock.release()
-    _tokenize(tmp_path / "out")
 
 
 def test_resume_refuses_a_different_setup(tmp_path):
@@ -226,15 +216,19 @@ def test_resume_refuses_a_different_setup(tmp_path):
     ckpt.write_bytes(b"other weights")
     with pytest.raises(UserError, match="tokenizer_sha256"):
         _tokenize(tmp_path / "out", checkpoint=str(ckpt))
+    with pytest.raises(UserError, match=r"train-000000.idx.npz: was written with unit=.*'stop': 5.*'stop': 4"):
+        _tokenize(tmp_path / "out", sentences_per_unit=4)
+    with pytest.raises(UserError, match=r"train-000001.idx.npz: not a work unit of this run .*sentences_per_unit=23"):
+        _tokenize(tmp_path / "out", sentences_per_unit=23)
     with pytest.raises(UserError, match="predicts split 'val'"):
         _tokenize(tmp_path / "out2", predict_split="val")
 
 
 def test_writer_rejects_bad_arguments():
     with pytest.raises(UserError, match="split='a-b'"):
-        TokenWriter("out", split="a-b")
-    with pytest.raises(UserError, match="shard_tokens=0"):
-        TokenWriter("out", shard_tokens=0)
+        TokenWriter("out", 5, 60, split="a-b")
+    with pytest.raises(UserError, match="sentences_per_unit=0"):
+        TokenWriter("out", 0, 60)
 
 
 def test_uint16_storage_round_trips_all_ids(tmp_path):
@@ -259,7 +253,7 @@ def test_tokenize_config_runs_through_the_cli(tmp_path, repo_root):
     cli(["predict", "-c", str(tmp_path / "tokenize.yaml"), "--trainer.callbacks.init_args.output_dir", str(out)])
     manifest = shards.load_manifest(out)
     assert manifest.layout.vocab_size == K + 100 and manifest.data["counts"]["sentences"] == 23
-    assert len(manifest.shards) == 1  # 2^27 tokens per shard
+    assert len(manifest.shards) == 1  # 4096 sentences a unit
     dm = TokenDataModule(train=str(out), seq_len=8)
     dm.setup("fit")
 
@@ -271,7 +265,7 @@ def test_tokenize_real_sentence_data_val_split(tmp_path):
         source = BuiltinSource(splits={"train": 3, "val": 7, "test": 0}, sequence_length=(2, 3), category_size=(2, 3))
         return VisualSentenceDataModule(source, image_size=16, unit="sentence", batch_size=3, predict_split="val")
 
-    trainer = cpu_trainer(callbacks=[TokenWriter(str(tmp_path / "val"), split="val", shard_tokens=64, num_special=4)])
+    trainer = cpu_trainer(callbacks=[_writer(tmp_path / "val", sentences_per_unit=3, split="val")])
     trainer.predict(FakeTokenizer(), data(), return_predictions=False)
     reference, model = data(), FakeTokenizer()
     layout = TokenLayout(codebook_size=K, tokens_per_image=16, num_special=4)
@@ -293,14 +287,13 @@ from lightning.pytorch import Trainer
 from callbacks.token_writer import TokenWriter
 
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False,
-                  callbacks=[TokenWriter({out!r}, split="train", shard_tokens=40, num_special=4)])
+                  enable_model_summary=False, callbacks=[TokenWriter({out!r}, 5, 60, split="train", num_special=4)])
 trainer.predict(t.FakeTokenizer(fail_at_batch={fail}), t.FakeSentenceData(batch_size=2), return_predictions=False)
 """
 
 
 @pytest.mark.slow
-def test_ddp_ranks_write_their_own_shards_and_resume(tmp_path):
+def test_ddp_ranks_pick_units_and_resume_to_the_one_process_shards(tmp_path):
     def run(out, fail=-1):
         script = tmp_path / "ddp_tokenize.py"
         script.write_text(
@@ -308,13 +301,10 @@ def test_ddp_ranks_write_their_own_shards_and_resume(tmp_path):
         )
         return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
-    proc = run(tmp_path / "ref")
+    _tokenize(tmp_path / "ref", batch_size=2)
+    proc = run(tmp_path / "ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = shards.load_manifest(tmp_path / "ref")
-    ranks = {shards.parse_shard_name(s["name"])[1] for s in m.shards}
-    assert ranks == {0, 1} and m.data["world_size"] == 2
-    indices = sorted(i for p in shards.complete_shards(tmp_path / "ref") for i in shards.read_shard_index(p).index)
-    assert indices == list(range(23)), "every sentence exactly once across ranks"
+    assert _files(tmp_path / "ddp") == _files(tmp_path / "ref"), "2 ranks write what 1 process writes"
     assert run(tmp_path / "run", fail=3).returncode != 0
     assert run(tmp_path / "run").returncode == 0
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")

@@ -131,11 +131,11 @@ CASES = [
          "--trainer.callbacks.init_args.split=tr-ain"], ["token writer: split='tr-ain' must be letters"]),
     Case("tokenize", "tokenize_lvm_checkpoint", "an LVM checkpoint as the tokenizer", ["predict", *TOKENIZE,
          "--ckpt_path={A}/lvm.ckpt"], ["lvm.ckpt: an LVM checkpoint", "predict needs lvm_pl.vqgan.module.VQGAN"]),
-    Case("tokenize", "tokenize_read_only", "output_dir on a read-only file system", ["predict", *TOKENIZE],
-         ["data/tokens/train/.lock-train-r00000: cannot write, read-only file system"], storage="ro",
-         plant=("shards",)),
+    Case("tokenize", "tokenize_read_only", "output_dir on a read-only file system", ["predict", *TOKENIZE,
+         "--trainer.callbacks.init_args.output_dir=data/tokens/more"],
+         ["data/tokens/more: cannot write, read-only file system"], storage="ro", plant=("shards",)),
     Case("tokenize", "tokenize_disk_full", "disk full while writing a shard", ["predict", *TOKENIZE,
-         "--trainer.callbacks.init_args.output_dir=data/tokens/more"], ["data/tokens/more/train-r00000-00000.bin: no "
+         "--trainer.callbacks.init_args.output_dir=data/tokens/more"], ["data/tokens/more/train-000000.bin: no "
          "space left on device (needs 2,592 bytes, 0 bytes free)"], storage="page", plant=("shards",)),
     # --- evaluation: test with configs/evaluate.yaml
     Case("evaluate", "eval_tokenizer_is_lvm", "an LVM checkpoint as model.tokenizer", ["test", *EVAL,
@@ -340,7 +340,7 @@ def table(tmp_path_factory, tiny_assets) -> dict:
         _plant(cwd, tiny_assets, case.plant, link=not case.storage)
         if case.storage in ("full", "page"):
             _fill(cwd)
-        if case.storage == "page":  # room for the lock file, none for a shard or the manifest
+        if case.storage == "page":  # room for a claim file, none for a shard or the manifest
             os.truncate(cwd / ".filler", (cwd / ".filler").stat().st_size - 4096)
         if case.storage == "ro":
             subprocess.run(["mount", "-o", "remount,ro", str(cwd)], check=True)

@@ -41,9 +41,10 @@ REVIEWED = {
         "kinds=np.asarray(kinds, dtype=str))",
     ): "into the temporary directory of atomic_dir (or a TemporaryDirectory uploaded marker-last)",
     ("datamodules/stream_tokens.py", "(directory / MARKER).write_text(json.dumps(meta, indent=1))"): "same directory",
-    ("callbacks/token_writer.py", 'with os.fdopen(fd, "w") as f:'): "lock file made by O_CREAT|O_EXCL; readers "
-    "treat a half-written one as a dead owner's",
-    ("callbacks/token_writer.py", "json.dump(me, f)"): "the same lock file",
+    ("lvm_pl/claims.py", 'with storage_errors(path), os.fdopen(fd, "w") as f:'): "a work unit's claim, made by "
+    "O_CREAT|O_EXCL (removed if its write fails); readers "
+    "treat a half-written one as unknown (stale after its lease)",
+    ("lvm_pl/claims.py", 'json.dump({"host": self.host, "pid": self.pid, "time": time.time()}, f)'): "the same claim",
 }
 SOURCES = ["lvm_pl", "datamodules", "callbacks", "main.py"]
 

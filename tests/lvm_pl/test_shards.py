@@ -86,9 +86,12 @@ def test_missing_shard_and_broken_index(tmp_path):
             shards.read_shard_index(m.idx_path(m.shards[0]))
 
 
-def test_shard_names_roundtrip():
-    assert shards.parse_shard_name(shards.shard_name("val", 3, 12)) == ("val", 3, 12)
-    assert shards.parse_shard_name("manifest") is None
+def test_shard_names_name_their_split():
+    assert shards.shard_name("val", 12) == "val-000012"
+    assert shards.shard_split(shards.shard_name("val", 12)) == "val"
+    assert shards.shard_split("train-shard.00012") == "train"  # a unit named after its input shard
+    assert shards.shard_split("train-r00000-00003") == "train"  # written before work units
+    assert shards.shard_split("manifest") is None
 
 
 def test_int32_storage_for_large_vocabularies(tmp_path):
