@@ -153,7 +153,7 @@ def test_tokenize_tar_shards_through_the_cli(tiny_assets, tmp_path, main_py):
     data += [f"{SOURCE}.train={tar}/train/shard-*.tar", f"{SOURCE}.val={tar}/val/shard-*.tar"]
     data += ["--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2"]
     tokenize = ["tokenize", "-c", config("vqgan/tiny.yaml"), *data, "--ckpt_path", tiny_assets["vqgan_ckpt"]]
-    done = main_py([*tokenize, "--output_dir", tmp_path / "tokens", "--trainer.callbacks.init_args.shard_tokens=64"])
+    done = main_py([*tokenize, "--output_dir", tmp_path / "tokens", "--sentences_per_unit", "1"])  # tar: a unit a shard
     assert done.returncode == 0, done.stderr[-3000:]
     for split, sentences in (("train", 2), ("val", 1), ("test", 1)):
         counts = json.loads((tmp_path / "tokens" / split / "manifest.json").read_text())["counts"]
@@ -182,8 +182,8 @@ def test_storage_faults_are_one_line_naming_the_url(
 ):
     good = builtin_shards / "sentence" / "train" / "shard-000000.tar"
     bad = write_tar(tmp_path / "bad.tar", {"x.0.png": png(5), "x.1.png": b"\x89PNG garbage", "x.json": b"{}"})
-    bucket = s3_server.bucket("faults")
-    s3_server.fs().put_file(str(good), "faults/train/shard-000000.tar")
+    bucket = s3_server.bucket("tar-faults")
+    s3_server.fs().put_file(str(good), "tar-faults/train/shard-000000.tar")
     strict = s3_server_checking_credentials
     strict.bucket("guarded")
     strict.fs().put_file(str(good), "guarded/train/shard-000000.tar")

@@ -41,6 +41,12 @@ REVIEWED = {
         "kinds=np.asarray(kinds, dtype=str))",
     ): "into the temporary directory of atomic_dir (or a TemporaryDirectory uploaded marker-last)",
     ("datamodules/stream_tokens.py", "(directory / MARKER).write_text(json.dumps(meta, indent=1))"): "same directory",
+    ("datamodules/make_shards.py", "Image.fromarray(image).save(buf, **encode)"): "into a BytesIO (a tar member)",
+    ("datamodules/make_shards.py", 'with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:'): "a shard in "
+    "the temporary directory of atomic_dir (or a TemporaryDirectory, each shard uploaded whole)",
+    ("datamodules/sources/folder.py", "index.save(self.index_path)"): "FolderIndex.save: write_arrays, atomic_path",
+    ("datamodules/sources/folder_index.py", 'with atomic_path(path) as tmp, open(tmp, "wb") as f:'): "the temporary "
+    "path of atomic_path",
     ("lvm_pl/claims.py", 'with storage_errors(path), os.fdopen(fd, "w") as f:'): "a work unit's claim, made by "
     "O_CREAT|O_EXCL (removed if its write fails); readers "
     "treat a half-written one as unknown (stale after its lease)",
