@@ -19,6 +19,7 @@ from datamodules.prompts import Prompt, PromptDataset, collate_prompts
 from datamodules.sources.folder_index import natural_key
 from lvm_pl.console import UserError, say, warn
 from lvm_pl.lvm.generation import GenerationSettings, window_frames
+from lvm_pl.quiet import ignoring
 
 
 def _image_paths(images: list[str]) -> list[str]:
@@ -99,4 +100,6 @@ def prompt(
         enable_model_summary=False,
         callbacks=[ImageWriter(out, frames=True, labels=True, tokens=True)],
     )
-    trainer.predict(module, loader, return_predictions=False)
+    # one prompt: the time is generation's, a loader worker would not shorten it (Lightning advises some)
+    with ignoring((r"The 'predict_dataloader' does not have many workers", r"lightning\.pytorch\.trainer\.connectors")):
+        trainer.predict(module, loader, return_predictions=False)

@@ -103,6 +103,8 @@ class TestEvaluation:
                 report.log_context_scalars(trainer.loggers, table)
             elif self.max_context:
                 say(f"context study: no test sequence has {self.max_context + 1} frames; nothing to plot")
+            for line in report.summary_lines(results):
+                say(line)
             say(f"LVM test results: {report.write_results(directory, results)}")
         return report.scalars(results)
 

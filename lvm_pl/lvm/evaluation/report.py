@@ -62,6 +62,21 @@ def context_plot(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+def summary_lines(results: dict) -> list[str]:
+    """A few console lines of the headline figures: target perplexity by kind, next-frame PSNR beside copying the
+    last frame by kind (the families and every other figure are in the results file)."""
+    perplexity = ", ".join(f"{k} {s['perplexity']:.2f}" for k, s in results["target_perplexity"].items())
+    lines = [f"target perplexity (codebook ids): {perplexity}"]
+    frames = [
+        f"{k} {s['predicted_psnr']:.2f} dB (copy {s['copy_last_psnr']:.2f})"
+        for k, s in results["next_frame"].items()
+        if not k.startswith("family/") and "predicted_psnr" in s and "copy_last_psnr" in s
+    ]
+    if frames:
+        lines.append(f"next-frame PSNR: {', '.join(frames)}")
+    return lines
+
+
 def scalars(results: dict) -> dict[str, float]:
     """The results' headline figures as `test/...` scalars for `self.log` (finite ones only)."""
     out = {}
