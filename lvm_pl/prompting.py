@@ -55,8 +55,17 @@ def prompt(
     (e.g. from `import-hf`) and the VQGAN checkpoint `tokenizer` (e.g. from `import-vqgan`).
 
     Images are resized and centre-cropped to the tokenizer's input size; a prompt longer than the context keeps its
-    latest frames. `generation`: the sampling settings of configs/generate.yaml (`--generation.temperature 0` is
-    greedy). `precision`: the Trainer's (`bf16-true` halves the memory of a released 7B model).
+    latest frames.
+
+    Args:
+        lvm: the LVM checkpoint (from `main.py fit`, `import-hf` or `convert-zero`).
+        tokenizer: the VQGAN checkpoint the LVM was trained with (from `main.py fit` or `import-vqgan`).
+        images: the prompt's image files in order, or one folder (its images in natural order).
+        out: the output directory: `<out>/prompt.png` (the labelled grid) and `<out>/prompt/` (frames, token ids).
+        num_frames: frames to generate after the prompt.
+        generation: the sampling settings of configs/generate.yaml (`--generation.temperature 0` is greedy).
+        precision: the Trainer's precision (`bf16-true` halves the memory of a released 7B model).
+        accelerator: the Trainer's accelerator: auto, cpu, gpu.
     """
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader

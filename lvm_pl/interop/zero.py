@@ -35,8 +35,9 @@ def _tag_dir(directory: Path) -> Path:
 def convert_zero(checkpoint_dir: str, out: str) -> None:
     """Consolidate a DeepSpeed ZeRO (stage 2 or 3) checkpoint directory into one fp32 Lightning checkpoint at `out`.
 
-    checkpoint_dir: the directory Lightning's DeepSpeed strategy saved (e.g. runs/lvm_7b/checkpoints/last.ckpt).
-    out: the file to write (atomically; an existing file is replaced only once the new one is complete).
+    Args:
+        checkpoint_dir: the directory Lightning's DeepSpeed strategy saved (e.g. runs/lvm_7b/checkpoints/last.ckpt).
+        out: the file to write (atomically; an existing file is replaced only once the new one is complete).
     """
     directory = Path(checkpoint_dir)
     if not directory.exists():
