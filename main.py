@@ -50,7 +50,7 @@ LIST_OPTIONS: dict[str, tuple[str, ...]] = {
     "make-shards": ("--splits",),
 }
 # Commands that take configs the Trainer's way (`-c a.yaml`, `--data.* value`): see config_args
-CONFIG_COMMANDS = ("tokenize", "make-shards")
+CONFIG_COMMANDS = ("tokenize", "make-shards", "preview-data")
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -220,16 +220,17 @@ def gather_lists(command: str, args: list[str]) -> list[str]:
     return out
 
 
-def config_args(args: list[str]) -> list[str]:
+def config_args(command: str, args: list[str]) -> list[str]:
     """A CONFIG_COMMANDS command's `-c a.yaml` -> `--configs+ a.yaml` (the function's own `--config` is
-    jsonargparse's), and the flags it passes on (`--data.*`, `--trainer.*`, `--model.*`) -> `--overrides+ flag`."""
+    jsonargparse's), and the flags it passes on (`--data.*`, `--trainer.*`, `--model.*`) -> `--overrides+ flag`;
+    `preview-data` reads the configs' `data:` sections only, and keeps its old `--data a.yaml` as a spelling of `-c`."""
     out, i = [], 0
     while i < len(args):
-        if args[i] in ("-c", "--config") and i + 1 < len(args):
+        if (args[i] in ("-c", "--config") or (command == "preview-data" and args[i] == "--data")) and i + 1 < len(args):
             out += ["--configs+", args[i + 1]]
             i += 2
             continue
-        if args[i].split(".", 1)[0] in ("--data", "--trainer", "--model"):
+        if command != "preview-data" and args[i].split(".", 1)[0] in ("--data", "--trainer", "--model"):
             flag = args[i] if "=" in args[i] or i + 1 >= len(args) else f"{args[i]}={args[i + 1]}"
             out.append(f"--overrides+={flag}")  # one token: argparse reads a separate `--x` value as an option
             i += 1 if "=" in args[i] else 2
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
             if command is not None:
                 from jsonargparse import auto_cli
 
-                cmd_args = gather_lists(args[0], config_args(args[1:]) if args[0] in CONFIG_COMMANDS else args[1:])
+                given = config_args(args[0], args[1:]) if args[0] in CONFIG_COMMANDS else args[1:]
+                cmd_args = gather_lists(args[0], given)
                 auto_cli(command, args=cmd_args, as_positional=False, exit_on_error=False)
             else:
                 cli(None if argv is None else args)  # None: LightningCLI reads sys.argv (it warns when given both)

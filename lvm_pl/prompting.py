@@ -41,6 +41,13 @@ def _image_paths(images: list[str]) -> list[str]:
     return images
 
 
+def _source(paths: list[str]) -> str:
+    """A caption's words for the prompt's files: their folder and names."""
+    folders = {str(Path(p).parent) for p in paths}
+    names = " ".join(Path(p).name for p in paths)
+    return f"{folders.pop()}/ {names}" if len(folders) == 1 else names
+
+
 def prompt(
     lvm: str,
     tokenizer: str,
@@ -97,7 +104,9 @@ def prompt(
     if resized:
         say(f"prompt: {resized} of {len(paths)} images resized and centre-cropped to {size}x{size} (the tokenizer's)")
     loader = DataLoader(
-        PromptDataset([Prompt("prompt", "sequence", paths, num_frames)], size), batch_size=1, collate_fn=collate_prompts
+        PromptDataset([Prompt("prompt", "sequence", paths, num_frames, source=_source(paths))], size),
+        batch_size=1,
+        collate_fn=collate_prompts,
     )
     trainer = Trainer(
         accelerator=accelerator,
@@ -107,7 +116,7 @@ def prompt(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ImageWriter(out, frames=True, labels=True, tokens=True)],
+        callbacks=[ImageWriter(out, frames=True, tokens=True)],
     )
     # one prompt: the time is generation's, a loader worker would not shorten it (Lightning advises some)
     with ignoring((r"The 'predict_dataloader' does not have many workers", r"lightning\.pytorch\.trainer\.connectors")):

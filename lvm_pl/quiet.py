@@ -36,3 +36,12 @@ def quiet_process() -> None:
     # every Trainer advertises Lightning's cloud services (litlogger, litmodels); runs here are offline by design
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoAdverts())
+    # our own warnings (lvm_pl.console.warn) are one line each: the message, without Python's file, category and source
+    library_format = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        if str(message).startswith("[lvm-pl]"):
+            return f"{message}\n"
+        return library_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
