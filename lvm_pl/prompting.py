@@ -114,7 +114,7 @@ def prompt(
         precision=precision,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=True,  # a released 7B model takes minutes: the bar shows the frames and tokens/s
         enable_model_summary=False,
         callbacks=[ImageWriter(out, frames=True, tokens=True)],
     )

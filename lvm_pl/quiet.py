@@ -19,9 +19,15 @@ def ignoring(*found: tuple[str, str]) -> Iterator[None]:
         yield
 
 
-class _NoAdverts(logging.Filter):
+class _Drop(logging.Filter):
+    """Drop a logger's records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip: For seamless cloud")
+        return not str(record.msg).startswith(self.prefix)
 
 
 def quiet_process() -> None:
@@ -35,7 +41,9 @@ def quiet_process() -> None:
     )
     # every Trainer advertises Lightning's cloud services (litlogger, litmodels); runs here are offline by design
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_NoAdverts())
+        logging.getLogger(name).addFilter(_Drop("💡 Tip: For seamless cloud"))
+    # importing DeepSpeed without a GPU (convert-zero, the ZeRO checks) logs that it fell back to the CPU: it needs none
+    logging.getLogger("DeepSpeed").addFilter(_Drop("Setting accelerator to CPU"))
     # our own warnings (lvm_pl.console.warn) are one line each: the message, without Python's file, category and source
     library_format = warnings.formatwarning
 
