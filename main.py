@@ -23,7 +23,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lvm_pl.checkpoint_io import check_stage
 from lvm_pl.cli_errors import user_message
-from lvm_pl.console import UserError
+from lvm_pl.console import UserError, say
+from lvm_pl.quiet import ignoring, quiet_process
 from lvm_pl.safe_load import deepspeed_state_types, load_error, weights_only_loads
 
 # Commands that are not Trainer entries: name -> "module:function". jsonargparse builds each one's CLI from its
@@ -49,7 +50,7 @@ LIST_OPTIONS: dict[str, tuple[str, ...]] = {
     "make-shards": ("--splits",),
 }
 # Commands that take configs the Trainer's way (`-c a.yaml`, `--data.* value`): see config_args
-CONFIG_COMMANDS = ("tokenize", "make-shards")
+CONFIG_COMMANDS = ("tokenize", "make-shards", "preview-data")
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -100,6 +101,36 @@ class LVMCLI(LightningCLI):
             hparams = {"class_path": class_path, "dict_kwargs": hparams}
         self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
+    def _set_seed(self) -> None:
+        # `seed_everything: true` (the default) seeds 0 unless PL_GLOBAL_SEED is set; Lightning warns that it found no
+        # seed and then says "Seed set to 0" on the next line: the second line is the one that informs
+        with ignoring((r"No seed found", r"lightning\.fabric\.utilities\.seed")):
+            super()._set_seed()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        found = []
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if subcommand == "fit" and ckpt_path == "last" and _last_checkpoints(self.trainer) == []:
+            # resuming with `--ckpt_path last` is how the docs and the demo train; a first run has nothing to resume,
+            # which is said in one line here instead of Lightning's warning and its hint (save_last is set)
+            say("--ckpt_path last: no last checkpoint yet, training from the start")
+            found.append(
+                (
+                    r'\.fit\(ckpt_path="last"\) is set, but there is no last',
+                    r"lightning\.pytorch\.trainer\.connectors\.checkpoint_connector",
+                )
+            )
+        if subcommand != "fit" and ckpt_path:
+            # test/validate/predict of a checkpoint that fit wrote: its ModelCheckpoint/Timer states serve resuming only
+            found.append((r"Be aware that when using `ckpt_path`", r"lightning\.pytorch\.trainer\.call"))
+        if subcommand == "predict" and type(self.model).__name__ == "LVM":
+            # generating: the time is the model's; workers for a few prompt images would not shorten it
+            found.append(
+                (r"The '\w+' does not have many workers", r"lightning\.pytorch\.trainer\.connectors\.data_connector")
+            )
+        with ignoring(*found):
+            super()._run_subcommand(subcommand)
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if isinstance(trainer.strategy, DeepSpeedStrategy):
@@ -107,6 +138,18 @@ class LVMCLI(LightningCLI):
             # data classes DeepSpeed pickles into optimizer states must be allowed
             torch.serialization.add_safe_globals(deepspeed_state_types())
         return trainer
+
+
+def _last_checkpoints(trainer: Trainer) -> list[Path] | None:
+    """The `last.ckpt` files the Trainer's checkpoint callbacks would resume from; None where one has no save_last or
+    no dirpath yet (Lightning's own warning then stays: its hint applies)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    if not callbacks or any(not c.save_last or c.dirpath is None for c in callbacks):
+        return None
+    paths = [Path(c.dirpath) / f"{c.CHECKPOINT_NAME_LAST}{c.FILE_EXTENSION}" for c in callbacks]
+    return [p for p in paths if p.exists()]
 
 
 def check_renamed_keys(args: list[str]) -> None:
@@ -177,16 +220,17 @@ def gather_lists(command: str, args: list[str]) -> list[str]:
     return out
 
 
-def config_args(args: list[str]) -> list[str]:
+def config_args(command: str, args: list[str]) -> list[str]:
     """A CONFIG_COMMANDS command's `-c a.yaml` -> `--configs+ a.yaml` (the function's own `--config` is
-    jsonargparse's), and the flags it passes on (`--data.*`, `--trainer.*`, `--model.*`) -> `--overrides+ flag`."""
+    jsonargparse's), and the flags it passes on (`--data.*`, `--trainer.*`, `--model.*`) -> `--overrides+ flag`;
+    `preview-data` reads the configs' `data:` sections only, and keeps its old `--data a.yaml` as a spelling of `-c`."""
     out, i = [], 0
     while i < len(args):
-        if args[i] in ("-c", "--config") and i + 1 < len(args):
+        if (args[i] in ("-c", "--config") or (command == "preview-data" and args[i] == "--data")) and i + 1 < len(args):
             out += ["--configs+", args[i + 1]]
             i += 2
             continue
-        if args[i].split(".", 1)[0] in ("--data", "--trainer", "--model"):
+        if command != "preview-data" and args[i].split(".", 1)[0] in ("--data", "--trainer", "--model"):
             flag = args[i] if "=" in args[i] or i + 1 >= len(args) else f"{args[i]}={args[i + 1]}"
             out.append(f"--overrides+={flag}")  # one token: argparse reads a separate `--x` value as an option
             i += 1 if "=" in args[i] else 2
@@ -214,13 +258,15 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["LVM_PL_DEBUG"] = "1"
     if argv is None:
         sys.argv[1:] = args
+    quiet_process()
     command = resolve_command(args[0]) if args and args[0] in COMMANDS else None
     try:
         with weights_only_loads():  # every file read is data: no torch.load below unpickles code
             if command is not None:
                 from jsonargparse import auto_cli
 
-                cmd_args = gather_lists(args[0], config_args(args[1:]) if args[0] in CONFIG_COMMANDS else args[1:])
+                given = config_args(args[0], args[1:]) if args[0] in CONFIG_COMMANDS else args[1:]
+                cmd_args = gather_lists(args[0], given)
                 auto_cli(command, args=cmd_args, as_positional=False, exit_on_error=False)
             else:
                 cli(None if argv is None else args)  # None: LightningCLI reads sys.argv (it warns when given both)

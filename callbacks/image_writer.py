@@ -1,8 +1,9 @@
 """Write the LVM's generated images: a PNG per generated frame and one grid per prompt, atomically.
 
 Layout under `output_dir`: `<name>.png` is the prompt's grid, one row per candidate: prompt | generated | truth (when
-known), sections separated by a blank cell; `<name>/c<candidate>_f<frame>.png` are the generated frames alone
-(and `<name>/tokens.json` their codebook ids, with `tokens: true`).
+known), sections separated by a blank cell, headed by column labels and captioned with the prompt's kind and source;
+`<name>/c<candidate>_f<frame>.png` are the generated frames alone (and `<name>/tokens.json` their codebook ids, with
+`tokens: true`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class ImageWriter(BasePredictionWriter):
     """Prediction writer for visual prompting: the LVM's `Generated` -> PNG files, optionally TensorBoard images.
 
     `frames`: also write each generated frame alone. `tensorboard`: add each grid to the TensorBoard logger.
-    `labels`: head the grid's sections with "prompt", "generated" and "truth". `tokens`: also write the generated
+    `labels`: head the grid's columns "prompt 1..k", "generated", "truth" and caption it with the prompt's kind and
+    source (small frames enlarged so the text fits). `tokens`: also write the generated
     codebook ids as `<name>/tokens.json` ({"tokens": [candidate][frame][token]}). The progress bar shows generated
     tokens per second of generation time.
     """
@@ -36,7 +38,7 @@ class ImageWriter(BasePredictionWriter):
         output_dir: str = "generated",
         frames: bool = True,
         tensorboard: bool = False,
-        labels: bool = False,
+        labels: bool = True,
         tokens: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
@@ -82,12 +84,13 @@ class ImageWriter(BasePredictionWriter):
             if self.tokens:
                 ids = prediction.tokens[b, :, :n_frames].tolist()  # [n, F, tokens_per_image]
                 write_json(self.output_dir / name / "tokens.json", {"tokens": ids})
-            picture = image_utils.grid(rows)
             if self.labels:
-                headers = {0: "prompt", n_prompt + 1: "generated"} | (
-                    {n_prompt + n_frames + 2: "truth"} if n_truth else {}
-                )
-                picture = image_utils.with_headers(picture, headers, cell=generated.shape[-2])
+                headers = {i: f"prompt {i + 1}" for i in range(n_prompt)} | {n_prompt + 1: "generated"}
+                headers |= {n_prompt + n_frames + 2: "truth"} if n_truth else {}
+                caption = f"{prompts.kinds[b]}: {prompts.sources[b] if prompts.sources else name}"
+                picture = image_utils.labelled_grid(rows, headers, caption)
+            else:
+                picture = image_utils.grid(rows)
             save_image(self.output_dir / f"{name}.png", image_utils.to_pil(picture))
             self.written["grids"] += 1
             if writer is not None:

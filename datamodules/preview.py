@@ -1,4 +1,5 @@
-"""`preview-data`: a PNG grid of sample sentences from any data config, one row per sentence, grouped by kind."""
+"""`preview-data`: a PNG grid of sample sentences from any data config (`-c`), one row per sentence, grouped and
+named by kind and family."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from lvm_pl.atomic import save_image
 from lvm_pl.console import UserError, say
-from lvm_pl.images import grid
+from lvm_pl.images import labelled_grid
 from lvm_pl.kinds import kind_order
 
 
@@ -41,20 +42,20 @@ def load_datamodule(configs: list[str], overrides: Sequence[str] = ()) -> Lightn
 
 
 def preview_data(
-    data: str | list[str],
+    configs: list[str],
     output: str = "preview.png",
     per_kind: int = 3,
     split: Literal["train", "val", "test"] = "val",
 ) -> Path:
-    """Write a grid of `per_kind` sentences of each kind (and each built-in family) of `split` to `output`.
+    """Write a grid of `per_kind` sentences of each kind (and each built-in family) of `split` to `output`, each row
+    named by its kind and family.
 
     Args:
-        data: data config YAML path(s), e.g. configs/data/builtin.yaml (only the `data:` section is read).
+        configs: data config YAML(s), `-c configs/data/builtin.yaml` (composed in order; the `data:` sections only).
         output: PNG path to write.
         per_kind: sentences shown per kind (per family for the built-in source).
         split: train, val or test.
     """
-    configs = [data] if isinstance(data, str) else list(data)
     dm = load_datamodule(configs)
     groups: dict[tuple[str, str], list] = {}
     for s in dm.sentences(split):
@@ -65,7 +66,10 @@ def preview_data(
         raise UserError(f"{', '.join(configs)}: split {split!r} has no sentences")
     kinds = kind_order(k for k, _ in groups)
     order = sorted(groups, key=lambda k: (kinds.index(k[0]), k[1]))
+    names = {key: f"{key[0]}/{key[1]}" if key[1] and key[1] != key[0] else key[0] for key in order}
     rows = [images for key in order for images in groups[key]]
-    save_image(output, Image.fromarray(grid(rows)))
-    say(f"wrote {output}: {len(rows)} sentences, " + ", ".join(f"{k}/{f}" if f else k for k, f in order))
+    labels = [names[key] for key in order for _ in groups[key]]
+    caption = f"{', '.join(configs)}: {split} split, {len(rows)} sentences"
+    save_image(output, Image.fromarray(labelled_grid(rows, caption=caption, row_labels=labels)))
+    say(f"wrote {output}: {len(rows)} sentences, " + ", ".join(names[key] for key in order))
     return Path(output)

@@ -40,13 +40,15 @@ Image = str | np.ndarray  # a file path, or uint8 [H, W, 3] already in memory
 
 @dataclass
 class Prompt:
-    """Images to continue, frames to generate, and optional ground truth (paths or uint8 [H, W, 3] arrays)."""
+    """Images to continue, frames to generate, and optional ground truth (paths or uint8 [H, W, 3] arrays); `source`
+    says where it came from (a grid's caption)."""
 
     name: str
     kind: str
     images: list[Image]
     num_frames: int
     truth: list[Image] = field(default_factory=list)
+    source: str = ""
 
 
 def split_sentence(images: list, kind: str, num_frames: int) -> tuple[list, list] | None:
@@ -85,6 +87,7 @@ class PromptDataset(Dataset):
             "num_frames": p.num_frames,
             "kind": p.kind,
             "name": p.name,
+            "source": p.source or p.name,
             "index": k,
         }
 
@@ -103,6 +106,7 @@ def collate_prompts(items: list[dict]) -> PromptBatch:
         index=torch.tensor([it["index"] for it in items], dtype=torch.long),
         kinds=[it["kind"] for it in items],
         names=[it["name"] for it in items],
+        sources=[it.get("source", it["name"]) for it in items],
     )
 
 
@@ -183,7 +187,7 @@ class PromptDataModule(LightningDataModule, StageData):
                 if not Path(path).is_file():
                     raise UserError(f"{where}: {key} file {path} does not exist")
         name = str(entry.get("name", f"{number:05d}_{kind}"))
-        return Prompt(name, kind, paths["images"], frames, paths["truth"])
+        return Prompt(name, kind, paths["images"], frames, paths["truth"], where)
 
     def _from_file(self, path: Path) -> list[Prompt]:
         try:
@@ -222,7 +226,7 @@ class PromptDataModule(LightningDataModule, StageData):
                 continue
             truth = images(folder / "truth") if (folder / "truth").is_dir() else []
             name = root.name if folder == root else folder.name
-            prompts.append(Prompt(name, kind, found, frames, truth))
+            prompts.append(Prompt(name, kind, found, frames, truth, str(folder)))
         return prompts
 
     def _from_source(self) -> list[Prompt]:
@@ -237,7 +241,8 @@ class PromptDataModule(LightningDataModule, StageData):
             if cut is not None:
                 family = s.meta.get("family", s.kind)
                 name = f"{self.split}{index:05d}_{s.kind}_{family}"
-                prompts.append(Prompt(name, s.kind, cut[0], len(cut[1]), cut[1]))
+                where = f"{type(self.source).__name__} {self.split} sentence {index} ({family})"
+                prompts.append(Prompt(name, s.kind, cut[0], len(cut[1]), cut[1], where))
         return prompts
 
     # ---------------------------------------------------------------- loaders

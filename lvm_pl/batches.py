@@ -14,7 +14,7 @@ plain (mutable) dataclasses so Lightning moves them between devices and finds th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -94,7 +94,8 @@ class TokenBatch:
 @dataclass
 class PromptBatch:
     """Prompts: `prompt` [B, N, 3, H, W] with `num_prompt` [B] real frames, `num_frames` [B] to generate, optional
-    ground truth `truth` [B, M, 3, H, W] with `num_truth` [B] (0: none), and per row `kinds`, `names`, `index`."""
+    ground truth `truth` [B, M, 3, H, W] with `num_truth` [B] (0: none), and per row `kinds`, `names`, `index` and
+    `sources` (where the prompt came from, for captions)."""
 
     prompt: torch.Tensor
     num_prompt: torch.Tensor
@@ -104,6 +105,7 @@ class PromptBatch:
     index: torch.Tensor
     kinds: list[str]
     names: list[str]
+    sources: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.prompt.shape[0]

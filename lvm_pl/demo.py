@@ -9,6 +9,7 @@ tokenization from its complete shards.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -107,6 +108,20 @@ def stages(v: Variant) -> list[Stage]:
 STAGES = stages(DEFAULT)
 
 
+# the demo's worker counts are chosen for the 2-core machine it is timed on; on a larger one Lightning advises more,
+# which a `make demo` user cannot act on (the same commands typed by hand still show it)
+WORKER_ADVICE = [
+    f"ignore:The '{loader}_dataloader' does not have many workers::lightning.pytorch.trainer.connectors.data_connector"
+    for loader in ("train", "val", "test", "predict")
+]
+
+
+def stage_env() -> dict[str, str]:
+    """The environment of a stage's subprocess: this one, with Lightning's worker advice ignored (WORKER_ADVICE)."""
+    given = os.environ.get("PYTHONWARNINGS")
+    return {**os.environ, "PYTHONWARNINGS": ",".join([*([given] if given else []), *WORKER_ADVICE])}
+
+
 def run_stage(stage: Stage, marker_dir: Path) -> float:
     """Run one stage unless its marker exists; returns the seconds it took (0 when skipped)."""
     marker = marker_dir / f"{stage.name}.done.json"
@@ -116,7 +131,7 @@ def run_stage(stage: Stage, marker_dir: Path) -> float:
     command = [sys.executable, "main.py", *shlex.split(stage.args)]
     print(f"\n== {stage.title}\n$ python main.py {stage.args}", flush=True)
     start = time.perf_counter()
-    if subprocess.run(command).returncode != 0:
+    if subprocess.run(command, env=stage_env()).returncode != 0:
         raise UserError(f"demo stage '{stage.name}' failed; fix the error above and run `make demo` again to resume")
     seconds = time.perf_counter() - start
     atomic.write_json(marker, {"command": f"python main.py {stage.args}", "seconds": round(seconds, 1)})

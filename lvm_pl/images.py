@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_tensor(image: np.ndarray | Image.Image) -> torch.Tensor:
@@ -44,14 +44,37 @@ def grid(rows: list[list[np.ndarray | None]], pad: int = 2, background: int = 25
     return out
 
 
-def with_headers(picture: np.ndarray, headers: dict[int, str], cell: int, pad: int = 2) -> np.ndarray:
-    """A `grid` picture with a white band on top holding `headers` {column: text} (PIL's default font), each text
-    starting above its column; `cell` is the grid's cell width."""
-    band = 14
-    out = np.full((picture.shape[0] + band, picture.shape[1], 3), 255, dtype=np.uint8)
-    out[band:] = picture
+LABEL_CELL = 64  # labelled grids show cells at least this wide, so a header like "prompt 12" fits above its cell
+BAND = 16  # px of a header or caption line in PIL's default font
+
+
+def labelled_grid(
+    rows: list[list[np.ndarray | None]],
+    headers: dict[int, str] | None = None,
+    caption: str | None = None,
+    row_labels: list[str] | None = None,
+    pad: int = 2,
+) -> np.ndarray:
+    """`grid(rows)` with `headers` {column: text} in a band above, `row_labels` in a margin on the left and `caption`
+    in a band below (PIL's default font); small cells are enlarged (nearest pixel) to LABEL_CELL px so text fits."""
+    cells = [c for row in rows for c in row if c is not None]
+    if not cells:
+        raise ValueError("grid needs at least one image")
+    scale = max(1, -(-LABEL_CELL // cells[0].shape[1]))  # ceil: the smallest whole factor reaching LABEL_CELL
+    big = [[None if c is None else c.repeat(scale, 0).repeat(scale, 1) for c in row] for row in rows]
+    picture = grid(big, pad=pad)
+    h, w = cells[0].shape[0] * scale, cells[0].shape[1] * scale
+    font = ImageFont.load_default()
+    left = int(max((font.getlength(t) for t in row_labels or []), default=0)) + 2 * pad if row_labels else 0
+    top, bottom = BAND if headers else 0, BAND if caption else 0
+    out = np.full((picture.shape[0] + top + bottom, picture.shape[1] + left, 3), 255, dtype=np.uint8)
+    out[top : top + picture.shape[0], left:] = picture
     image = Image.fromarray(out, mode="RGB")
     draw = ImageDraw.Draw(image)
-    for column, text in headers.items():
-        draw.text((pad + column * (cell + pad), 1), text, fill=(0, 0, 0))
+    for column, text in (headers or {}).items():
+        draw.text((left + pad + column * (w + pad), 2), text, fill=(0, 0, 0), font=font)
+    for row, text in enumerate(row_labels or []):
+        draw.text((pad, top + pad + row * (h + pad) + (h - BAND) // 2), text, fill=(0, 0, 0), font=font)
+    if caption:
+        draw.text((pad, out.shape[0] - BAND + 2), caption, fill=(60, 60, 60), font=font)
     return np.asarray(image)

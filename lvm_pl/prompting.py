@@ -19,6 +19,7 @@ from datamodules.prompts import Prompt, PromptDataset, collate_prompts
 from datamodules.sources.folder_index import natural_key
 from lvm_pl.console import UserError, say, warn
 from lvm_pl.lvm.generation import GenerationSettings, window_frames
+from lvm_pl.quiet import ignoring
 
 
 def _image_paths(images: list[str]) -> list[str]:
@@ -40,6 +41,13 @@ def _image_paths(images: list[str]) -> list[str]:
     return images
 
 
+def _source(paths: list[str]) -> str:
+    """A caption's words for the prompt's files: their folder and names."""
+    folders = {str(Path(p).parent) for p in paths}
+    names = " ".join(Path(p).name for p in paths)
+    return f"{folders.pop()}/ {names}" if len(folders) == 1 else names
+
+
 def prompt(
     lvm: str,
     tokenizer: str,
@@ -54,8 +62,17 @@ def prompt(
     (e.g. from `import-hf`) and the VQGAN checkpoint `tokenizer` (e.g. from `import-vqgan`).
 
     Images are resized and centre-cropped to the tokenizer's input size; a prompt longer than the context keeps its
-    latest frames. `generation`: the sampling settings of configs/generate.yaml (`--generation.temperature 0` is
-    greedy). `precision`: the Trainer's (`bf16-true` halves the memory of a released 7B model).
+    latest frames.
+
+    Args:
+        lvm: the LVM checkpoint (from `main.py fit`, `import-hf` or `convert-zero`).
+        tokenizer: the VQGAN checkpoint the LVM was trained with (from `main.py fit` or `import-vqgan`).
+        images: the prompt's image files in order, or one folder (its images in natural order).
+        out: the output directory: `<out>/prompt.png` (the labelled grid) and `<out>/prompt/` (frames, token ids).
+        num_frames: frames to generate after the prompt.
+        generation: the sampling settings of configs/generate.yaml (`--generation.temperature 0` is greedy).
+        precision: the Trainer's precision (`bf16-true` halves the memory of a released 7B model).
+        accelerator: the Trainer's accelerator: auto, cpu, gpu.
     """
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
@@ -87,7 +104,9 @@ def prompt(
     if resized:
         say(f"prompt: {resized} of {len(paths)} images resized and centre-cropped to {size}x{size} (the tokenizer's)")
     loader = DataLoader(
-        PromptDataset([Prompt("prompt", "sequence", paths, num_frames)], size), batch_size=1, collate_fn=collate_prompts
+        PromptDataset([Prompt("prompt", "sequence", paths, num_frames, source=_source(paths))], size),
+        batch_size=1,
+        collate_fn=collate_prompts,
     )
     trainer = Trainer(
         accelerator=accelerator,
@@ -95,8 +114,10 @@ def prompt(
         precision=precision,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=True,  # a released 7B model takes minutes: the bar shows the frames and tokens/s
         enable_model_summary=False,
-        callbacks=[ImageWriter(out, frames=True, labels=True, tokens=True)],
+        callbacks=[ImageWriter(out, frames=True, tokens=True)],
     )
-    trainer.predict(module, loader, return_predictions=False)
+    # one prompt: the time is generation's, a loader worker would not shorten it (Lightning advises some)
+    with ignoring((r"The 'predict_dataloader' does not have many workers", r"lightning\.pytorch\.trainer\.connectors")):
+        trainer.predict(module, loader, return_predictions=False)

@@ -106,6 +106,10 @@ def export_diffusers(checkpoint: str, out_dir: str) -> None:
 
     The autoencoder used for encode/decode (the EMA copy when there is one) is exported; the directory appears whole
     or not at all (written in a temporary sibling, then renamed).
+
+    Args:
+        checkpoint: the lvm-pl VQGAN checkpoint to export.
+        out_dir: the directory to write.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -66,7 +66,12 @@ def hf_config(config: LVMConfig, layout: TokenLayout):
 def export_hf(checkpoint: str, out_dir: str, dtype: str = "float32") -> None:
     """Write an lvm-pl checkpoint as a transformers LlamaForCausalLM directory (config.json + model.safetensors).
 
-    The directory appears whole or not at all (written in a temporary sibling, then renamed); `dtype` is the weights'.
+    The directory appears whole or not at all (written in a temporary sibling, then renamed).
+
+    Args:
+        checkpoint: the LVM checkpoint to export (from `main.py fit`, `import-hf` or `convert-zero`).
+        out_dir: the directory to write (it must not hold another model).
+        dtype: the weights' dtype in the export: float32, bfloat16 or float16.
     """
     from safetensors.torch import save_file
 
@@ -95,11 +100,17 @@ def import_hf(
 ) -> None:
     """Convert a transformers LlamaForCausalLM directory into an lvm-pl checkpoint (`LVM.load_from_checkpoint`-able).
 
-    Weights: `model.safetensors`, `pytorch_model.bin` or their shards (`*.index.json`), read one shard at a time and
-    kept in their dtype unless `dtype` (float32, bfloat16, float16) says otherwise. The token layout comes from
-    config.json's `lvm_layout` (our exports); otherwise give `codebook_size` and `tokens_per_image` (the released LVM:
-    8192 and 256), the rest of the vocabulary being special ids, and `add_bos`/`add_eos` (the released LVM has
-    neither; its config.json's bos/eos ids 1/2 are LLaMA's, unused).
+    Weights: `model.safetensors`, `pytorch_model.bin` or their shards (`*.index.json`), read one shard at a time.
+    The token layout comes from config.json's `lvm_layout` (our exports); otherwise give it with the arguments below.
+
+    Args:
+        hf_dir: the transformers directory (config.json and the weights).
+        out: the lvm-pl checkpoint file to write.
+        codebook_size: the tokenizer's codebook size (the released LVM: 8192); the other ids are special ones.
+        tokens_per_image: tokens of one image (the released LVM: 256, a 16x16 grid).
+        add_bos: the sentences start with a BOS id (the released LVM has none; its config's ids 1/2 are LLaMA's).
+        add_eos: the sentences end with an EOS id (the released LVM has none).
+        dtype: float32, bfloat16 or float16 for the weights; default: the dtype they are stored in.
     """
     path = Path(hf_dir)
     cfg = _read_hf_config(path)

@@ -76,9 +76,13 @@ def import_vqgan(source_dir: str, out: str, input_range: tuple[float, float] | N
     """Convert a released tokenizer directory (open-muse VQGANModel or diffusers VQModel: config.json + weights as
     `.safetensors` or `.bin`, single or sharded, any float dtype) into an lvm-pl VQGAN checkpoint.
 
-    `input_range`: the pixel range the tokenizer was trained on (default: the directory's `lvm_input_range`, else
-    [0, 1], the released tokenizer's). The checkpoint's loss is a default VQGANLoss (fresh PatchGAN, no perceptual
-    term): a fine-tuning run sets its own.
+    The checkpoint's loss is a default VQGANLoss (fresh PatchGAN, no perceptual term): a fine-tuning run sets its own.
+
+    Args:
+        source_dir: the tokenizer directory (config.json and the weights).
+        out: the lvm-pl VQGAN checkpoint file to write.
+        input_range: the pixel range the tokenizer was trained on, e.g. [0, 1]; default: the directory's
+            `lvm_input_range`, else [0, 1] (the released tokenizer's).
     """
     path = Path(source_dir)
     cfg = _read_config(path)

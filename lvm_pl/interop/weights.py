@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from lvm_pl.console import UserError
 from lvm_pl.safe_load import load_torch_file
@@ -55,7 +56,7 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
 
 def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) over every file, one shard in memory at a time."""
-    for file in files:
+    for file in tqdm(files, desc="reading weights", unit="file"):
         yield from read_shard(file).items()
 
 

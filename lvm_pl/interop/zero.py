@@ -9,11 +9,10 @@ use it. Optimizer states are not carried over: resuming `fit` needs the original
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from lvm_pl.atomic import atomic_path
 from lvm_pl.console import UserError, say
@@ -35,8 +34,9 @@ def _tag_dir(directory: Path) -> Path:
 def convert_zero(checkpoint_dir: str, out: str) -> None:
     """Consolidate a DeepSpeed ZeRO (stage 2 or 3) checkpoint directory into one fp32 Lightning checkpoint at `out`.
 
-    checkpoint_dir: the directory Lightning's DeepSpeed strategy saved (e.g. runs/lvm_7b/checkpoints/last.ckpt).
-    out: the file to write (atomically; an existing file is replaced only once the new one is complete).
+    Args:
+        checkpoint_dir: the directory Lightning's DeepSpeed strategy saved (e.g. runs/lvm_7b/checkpoints/last.ckpt).
+        out: the file to write (atomically; an existing file is replaced only once the new one is complete).
     """
     directory = Path(checkpoint_dir)
     if not directory.exists():
@@ -54,11 +54,14 @@ def convert_zero(checkpoint_dir: str, out: str) -> None:
         raise UserError(f"convert-zero needs DeepSpeed installed ({err})") from None
     # DeepSpeed's reader unpickles with weights_only=False: here it is forced to weights-only, with DeepSpeed's plain
     # data classes allowed; each file is looked at first (mapped, so cheap) to name the one that holds anything else
+    files = sorted(tag.glob("*.pt"))
     with allowed, weights_only_loads():
-        for file in sorted(tag.glob("*.pt")):
+        for file in tqdm(files, desc="checking ZeRO files", unit="file"):
             load_torch_file(file, mmap=True)
-        # the utility (and DeepSpeed's reader under it) prints progress; lvm-pl speaks through say()
-        with atomic_path(out) as tmp, contextlib.redirect_stdout(io.StringIO()):
+        # DeepSpeed's reader shows its own progress (shards loaded, weights gathered) and what it found; the file it
+        # names is the temporary one `out` is renamed from once complete
+        say(f"consolidating {tag} ({len(files)} files) into {out}")
+        with atomic_path(out) as tmp:
             try:
                 checkpoint = convert_zero_checkpoint_to_fp32_state_dict(directory, tmp)
             except (ValueError, FileNotFoundError, KeyError) as err:

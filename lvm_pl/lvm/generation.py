@@ -28,10 +28,19 @@ DecodeStep = Callable[[LLaMA, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class GenerationSettings:
-    """How to sample (`temperature` 0 is greedy), how many candidates per prompt, how many frames of context to keep
-    (None: as many as fit `block_size`), the seed, whether to `torch.compile` the one-token decode step, and whether
-    eager decoding stacks the q/k/v and gate/up weights into one matmul each (`LLaMA.fused_projections`: faster,
-    about 70% of the weights' memory again while generating)."""
+    """How to sample, how many candidates per prompt, how much context to keep, the seed, how to decode.
+
+    Args:
+        temperature: softmax temperature of sampling; 0 is greedy.
+        top_k: sample among the k most likely tokens only (None: all).
+        top_p: sample among the most likely tokens whose probabilities sum to p (None: all).
+        num_candidates: samples per prompt (one grid row each).
+        max_context_frames: frames of context kept (None: as many as fit the model's block_size).
+        seed: the sampling seed (each prompt's generation is reproducible).
+        compile: `torch.compile` the one-token decode step (CUDA graphs on GPU).
+        fuse_projections: eager decoding stacks the q/k/v and gate/up weights into one matmul each
+            (`LLaMA.fused_projections`: faster, about 70% of the weights' memory again while generating).
+    """
 
     temperature: float = 1.0
     top_k: int | None = None

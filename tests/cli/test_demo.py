@@ -1,6 +1,8 @@
 """The demo's commands stay valid CLI commands, and its summary reads the results files the stages write."""
 
 import shlex
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -94,3 +96,12 @@ def test_summary_shows_what_was_drawn_beside_the_copy_baseline():
     assert lines[0].startswith("moving      : object position error 1.50 px (copy 3.25 px), presence 75% (copy 100%)")
     assert "token accuracy 0.80 (copy n/a)" in lines[0]
     assert lines[1] == "edges       : psnr 14.00 dB (copy 11.00 dB), token accuracy n/a (copy 0.01) (2 prompts)"
+
+
+def test_stage_processes_ignore_only_lightnings_worker_advice():
+    module = "lightning.pytorch.trainer.connectors.data_connector"
+    messages = ["The 'val_dataloader' does not have many workers which may be a bottleneck.", "another warning"]
+    warn = f"warnings.warn_explicit(m, UserWarning, 'd.py', 1, module={module!r})"
+    code = f"import warnings\nfor m in {messages!r}:\n    {warn}"
+    shown = subprocess.run([sys.executable, "-c", code], env=demo.stage_env(), capture_output=True, text=True).stderr
+    assert "another warning" in shown and "does not have many workers" not in shown

@@ -19,6 +19,7 @@ from datamodules.sources.builtin import BuiltinSource
 from lvm_pl import images as image_utils
 from lvm_pl.batches import PromptBatch
 from lvm_pl.console import UserError
+from lvm_pl.images import BAND
 from lvm_pl.lvm.generation import GenerationSettings
 from lvm_pl.lvm.module import LVM
 from lvm_pl.lvm.settings import OptimSettings
@@ -179,10 +180,18 @@ def test_predict_writes_a_grid_per_prompt_and_a_png_per_frame(tmp_path):
     frames = sorted((tmp_path / "out").glob("*/c*_f*.png"))
     assert len(frames) == 2 * sum(p.num_frames for p in prompts) == writer.written["frames"]
     assert all(Image.open(f).size == (size, size) for f in frames)
+    cell = size * 4  # 16 px frames shown at LABEL_CELL = 64 px so the headers fit
     for p in prompts:
         cols = len(p.images) + 1 + p.num_frames + (1 + len(p.truth) if p.truth else 0)
-        grid = Image.open(tmp_path / "out" / f"{p.name}.png")
-        assert grid.size == (cols * (size + 2) + 2, 2 * (size + 2) + 2) and grid.mode == "RGB"
+        grid = np.asarray(Image.open(tmp_path / "out" / f"{p.name}.png").convert("RGB"))
+        bare = (2 * (cell + 2) + 2, cols * (cell + 2) + 2)  # two candidates' rows
+        assert grid.shape[:2] == (bare[0] + 2 * BAND, bare[1])  # a header band above, a caption band below
+        header, caption = grid[:BAND], grid[-BAND:]
+        assert header.min() < 128 and caption.min() < 128  # text drawn in both bands
+        starts = {"prompt 1": 0, "generated": len(p.images) + 1, "truth": len(p.images) + p.num_frames + 2}
+        for text, column in starts.items():  # each header's text starts above its column
+            x = 2 + column * (cell + 2)
+            assert header[:, x : x + cell // 2].min() < 128, text
     assert not list((tmp_path / "out").rglob("*.tmp"))  # atomic writes leave no temporaries
 
 

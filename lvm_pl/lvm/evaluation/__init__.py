@@ -99,10 +99,12 @@ class TestEvaluation:
         if trainer.is_global_zero:
             directory = Path(trainer.log_dir or trainer.default_root_dir)
             if table:
-                report.write_context_table(directory, table, self.context_description())
+                report.write_context_table(directory, table, self.context_description(), results["next_frame"])
                 report.log_context_scalars(trainer.loggers, table)
             elif self.max_context:
                 say(f"context study: no test sequence has {self.max_context + 1} frames; nothing to plot")
+            for line in report.summary_lines(results):
+                say(line)
             say(f"LVM test results: {report.write_results(directory, results)}")
         return report.scalars(results)
 

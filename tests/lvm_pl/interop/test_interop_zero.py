@@ -116,10 +116,15 @@ def _write_zero(directory, checkpoint: dict, stage: int) -> None:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_convert_gives_the_fp32_weights_and_a_checkpoint_lightning_accepts(tmp_path, trained, stage):
+def test_convert_gives_the_fp32_weights_and_a_checkpoint_lightning_accepts(tmp_path, trained, stage, capfd):
     checkpoint, reference = trained
     _write_zero(tmp_path / "last.ckpt", checkpoint, stage)
+    capfd.readouterr()
     convert_zero(str(tmp_path / "last.ckpt"), str(tmp_path / "out" / "lvm.ckpt"))
+    shown = capfd.readouterr()
+    # its progress shows: our check of the files, then DeepSpeed's own reader (no longer swallowed)
+    assert "checking ZeRO files: 100%" in shown.err and "Loading checkpoint shards: 100%" in shown.err
+    assert "Processing zero checkpoint" in shown.out
 
     converted = torch.load(tmp_path / "out" / "lvm.ckpt", map_location="cpu", weights_only=False)
     assert converted.keys() >= {"state_dict", "hyper_parameters", "global_step", "loops"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 
 from lvm_pl import metrics as image_metrics
 from lvm_pl.batches import Sentence, SentenceBatch, TokenBatch
@@ -220,6 +222,20 @@ def test_context_table_files(tmp_path):
     assert lines[2].startswith("2,2,")
     assert json.loads(paths[1].read_text())["rows"] == rows
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_context_plot_draws_the_copy_last_baseline_beside_the_curve(tmp_path):
+    rows = em.summarize_context([{"index": 0, "nll": [3.0, 2.0], "nll_plain": [3.5, 2.5]}], 2)
+    next_frame = {
+        "sequence": {"examples": 3, "predicted_psnr": 19.0, "copy_last_psnr": 17.5},
+        "family/moving": {"examples": 3, "predicted_psnr": 19.0, "copy_last_psnr": 17.5},  # families: not drawn
+    }
+    alone = np.asarray(Image.open(io.BytesIO(report.context_plot(rows))).convert("L"))
+    both = np.asarray(Image.open(io.BytesIO(report.context_plot(rows, next_frame))).convert("L"))
+    assert both.shape[0] == alone.shape[0] and both.shape[1] > 1.8 * alone.shape[1]  # a second panel
+    right = both[:, both.shape[1] // 2 + 20 :]
+    assert (right < 128).mean() > 0.01  # axes, bars and their labels drawn there
+    assert (alone[:, : alone.shape[1] // 10] < 128).any()  # the y-axis label left of the curve
 
 
 class FakeTokenizer(torch.nn.Module):
