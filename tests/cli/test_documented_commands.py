@@ -7,7 +7,10 @@ directory per code block (its commands in order, so one command's output is the 
 that holds `configs/` and, where a command reads a path the docs assume an earlier step made, a copy of a tiny asset
 (tests/conftest.py:tiny_assets). What makes the commands tiny is stated once, below: flags appended to the command
 (TINY), files put where the docs name them (ASSETS), placeholders filled in (PLACEHOLDERS), and the commands not run
-here, each with its reason (SKIP). Nothing the user reads is changed; a command that fails as written fails here.
+here, each with its reason (MAKE_COVERED, SKIP). A code block runs each command for one step; a lone command whose
+kind (command, model, data and source class) ran a step before runs its setup only (SETUP_ONLY: the configs parse,
+the model is built, the data read, the layout and window handshakes made). A command shown twice runs once. Nothing
+the user reads is changed; a command that fails as written fails here.
 """
 
 from __future__ import annotations
