@@ -50,6 +50,14 @@ SKIP = {
     "python main.py export-diffusers --checkpoint runs/vqgan_muse/checkpoints/last.ckpt --out_dir vq": "needs a "
     "trained tokenizer of the diffusers layout (configs/vqgan/muse_f16_8192.yaml: 146M parameters, a 0.6 GB file); "
     "tests/lvm_pl/interop/test_interop_diffusers.py exports a small one",
+    **{
+        f"python main.py stream-tokens --input data/tokens/{s} --output s3://bucket/tokens/{s} --seq_len 4096{w}": "an "
+        "S3 bucket; tests/datamodules/test_streaming_tokens.py runs stream-tokens against moto's S3 server"
+        for s, w in (("train", ""), ("val", " --windows sentence"))
+    },
+    "python main.py fit -c configs/lvm/recipe.yaml -c configs/lvm/300m.yaml -c configs/data/tokens_stream.yaml "
+    "--data.init_args.train s3://bucket/tokens/train --data.init_args.val s3://bucket/tokens/val": "an S3 bucket; "
+    "tests/datamodules/test_streaming_tokens.py trains from one on moto's S3 server",
     "python main.py ...": "prose, not a command",
     "python main.py": "prose, not a command",
     "python main.py tokenize": "prose: the command above",
@@ -79,6 +87,9 @@ ASSETS = {
     "data/tokens/test": "shards/val",
     "data/tokens_long/train": "shards/train",
     "data/tokens_long/val": "shards/val",
+    "data/stream/train": "stream/train",
+    "data/stream/val": "stream/val",
+    "vqgan.ckpt": "vqgan_ckpt",
     "data/images": "folder",
     "/path/to/images": "folder",
     "data/videos": "videos",
@@ -178,8 +189,8 @@ TINY = [
         lambda c: GPU_TO_CPU,
     ),
     Tiny(
-        "paper-size LVMs on the CPU: the tiny preset",
-        lambda w, c: _trainer(w) and _gpu(c) and _lvm(c),
+        "paper-size LVMs: the tiny preset (a checkpoint's own preset wins)",
+        lambda w, c: _trainer(w) and _lvm(c),
         lambda c: ["--model.init_args.preset=tiny"],
     ),
     Tiny("images at the tiny assets' 32 px", _has("image_size"), lambda c: ["--data.init_args.image_size=32"]),
@@ -387,20 +398,26 @@ def tiny_argv(raw: str, workdir: Path, tiny_assets: dict, released: dict) -> tup
     return words, extra
 
 
+def _feeds(group: list[Documented], i: int) -> bool:
+    """Whether a later command of the block may read what command `i` writes (a checkpoint, shards)."""
+    return any(".ckpt" in c.raw or "data/tokens" in c.raw for c in group[i + 1 :])
+
+
 def _setup_only() -> set[str]:
-    """The lone Trainer commands whose kind a command before them runs for a step (the order of GROUPS)."""
-    seen, out = set(), set()
+    """The Trainer commands whose kind another command runs for a step: per kind, the first whose output a later
+    command of its block may read, else the first on a tiny config, else the first."""
+    by_kind: dict[tuple, list[tuple[Documented, bool]]] = {}
     for group in GROUPS:
-        for command in group:
-            if command.text in SKIP or command.text in MAKE_COVERED:
-                continue
+        for i, command in enumerate(group):
             words = words_of(command.raw)
-            if not _trainer(words) or words[0] == "tokenize":
+            if command.text in SKIP or command.text in MAKE_COVERED or not _trainer(words) or words[0] == "tokenize":
                 continue
-            key = kind(words, composed(words))
-            if key in seen and len(group) == 1:
-                out.add(command.text)
-            seen.add(key)
+            by_kind.setdefault(kind(words, composed(words)), []).append((command, _feeds(group, i)))
+    out = set()
+    for commands in by_kind.values():
+        tiny = [c for c, _ in commands if any(w.endswith("/tiny.yaml") for w in words_of(c.raw))]
+        feeding = [c for c, feeds in commands if feeds]
+        out |= set(c.text for c, _ in commands) - {(feeding or tiny or [commands[0][0]])[0].text}
     return out
 
 
