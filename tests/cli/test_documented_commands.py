@@ -204,8 +204,8 @@ TINY = [
         lambda c: ["--data.init_args.source.init_args.splits={train: 8, val: 4, test: 4}"],
     ),
     Tiny(
-        "the StyleGAN discriminator at the tiny images' size",
-        lambda w, c: "lvm_pl.vqgan.discriminators.StyleGANDiscriminator" in w,
+        "the StyleGAN discriminator's image_size, where the command gives it, at the tiny images' size",
+        lambda w, c: "--model.init_args.loss.init_args.discriminator.init_args.image_size" in w,
         lambda c: ["--model.init_args.loss.init_args.discriminator.init_args.image_size=32"],
     ),
     Tiny("clips of 4 frames", lambda w, c: _trainer(w) and _source(c).endswith("VideoSource"), lambda c: VIDEO_CLIPS),
