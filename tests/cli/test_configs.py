@@ -5,8 +5,8 @@ in a backslash). tests/cli/test_documented_commands.py runs every such line as w
 usage line resolves (`--print_config`), in a working directory where the paths configs use by default
 (`data/tokens/*`, `data/images`, `data/videos`, `data/shards`, `prompts.yaml`, `prompts/`) hold tiny real inputs, with
 checkpoint paths pointed at tiny checkpoints made by the real CLI (tests/conftest.py:tiny_assets), plus tiny overrides:
-small images and splits, no workers, `fast_dev_run`. GPU-only trainers (accelerator gpu, DeepSpeed, FSDP) run their strategy
-in the `gpu` tests. A config added later is covered without touching this file.
+small images and splits, no workers, `fast_dev_run`. GPU-only trainers (accelerator gpu, DeepSpeed, FSDP) run their
+strategy in the `gpu` tests. A config added later is covered without touching this file.
 """
 
 from __future__ import annotations

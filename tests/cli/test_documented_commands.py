@@ -58,6 +58,17 @@ SKIP = {
     "python main.py fit -c configs/lvm/recipe.yaml -c configs/lvm/300m.yaml -c configs/data/tokens_stream.yaml "
     "--data.init_args.train s3://bucket/tokens/train --data.init_args.val s3://bucket/tokens/val": "an S3 bucket; "
     "tests/datamodules/test_streaming_tokens.py trains from one on moto's S3 server",
+    "python main.py make-shards -c configs/data/folder.yaml --data.init_args.source.init_args.root /path/to/images "
+    "--output_dir s3://bucket/photos --per_shard 1000 --layout image --image_format jpg": "an S3 bucket; "
+    "tests/datamodules/ make-shards and tar-shard tests run against moto's S3 server",
+    "python main.py fit -c configs/vqgan/recipe.yaml -c configs/vqgan/muse_f16_8192.yaml -c configs/data/tar.yaml "
+    "--data.init_args.source.init_args.train s3://bucket/photos/train/shard-*.tar "
+    "--data.init_args.source.init_args.val s3://bucket/photos/val/shard-*.tar": "an S3 bucket (the tar source runs "
+    "from local shards here: configs/data/tar.yaml's usage line)",
+    "python main.py make-shards -c <data config> --output_dir <dir or s3://...> [--per_shard N] "
+    "[--layout sentence|image]": "a synopsis ([...]: optional flags), not a command",
+    "python main.py make-shards -c <data config> --output_dir <dir or s3://...> [--per_shard N] "
+    "[--layout sentence|image] [--image_format png|jpg]": "a synopsis ([...]: optional flags), not a command",
     "python main.py ...": "prose, not a command",
     "python main.py": "prose, not a command",
     "python main.py tokenize": "prose: the command above",
@@ -87,6 +98,7 @@ ASSETS = {
     "data/tokens/test": "shards/val",
     "data/tokens_long/train": "shards/train",
     "data/tokens_long/val": "shards/val",
+    "data/shards": "tar",
     "data/stream/train": "stream/train",
     "data/stream/val": "stream/val",
     "vqgan.ckpt": "vqgan_ckpt",
