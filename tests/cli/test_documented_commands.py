@@ -193,7 +193,9 @@ def _has(key: str) -> Callable[[list[str], dict], bool]:
 
 TINY = [
     Tiny(
-        "Trainer commands: one step, one batch per evaluation loop", lambda w, c: _trainer(w), lambda c: TRAINER_STEPS
+        "Trainer commands: one step, one batch per evaluation loop (tokenize: every work unit, or no manifest)",
+        lambda w, c: _trainer(w) and w[0] != "tokenize",
+        lambda c: TRAINER_STEPS,
     ),
     Tiny(
         "GPU trainers on the CPU (their own runs: the `gpu` tests)",
@@ -381,7 +383,9 @@ def _inputs(words: list[str], cfg: dict) -> set[str]:
 
 def provide(workdir: Path, words: list[str], cfg: dict, tiny_assets: dict, released: dict) -> None:
     """Copy the assets a command reads into `workdir`, where the docs say an earlier step made them."""
-    for path in sorted(_inputs(words, cfg) & ASSETS.keys()):
+    inputs = _inputs(words, cfg)
+    # a path or one inside it (a glob such as data/shards/train/shard-*.tar)
+    for path in sorted(p for p in ASSETS if any(i == p or i.startswith(p + "/") for i in inputs)):
         target = workdir / path
         if path.startswith("/") or target.exists():
             continue  # absolute example paths are substituted in the words (tiny_argv)
