@@ -72,6 +72,7 @@ SKIP = {
     "python main.py ...": "prose, not a command",
     "python main.py": "prose, not a command",
     "python main.py tokenize": "prose: the command above",
+    "python main.py preview-data": "prose: the command's name",
     "python main.py fit -c ... --print_config": "prose: `...` stands for any configs",
     "python main.py test ... --ckpt_path <vqgan.ckpt>": "a table row continuing the row above (`...`: its configs)",
 }
