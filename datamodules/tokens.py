@@ -164,9 +164,10 @@ def _expand(paths: str | list[str] | None, key: str) -> list[Path]:
 class TokenDataModule(LightningDataModule, StageData):
     """Packed windows from token shards: `train`/`val`/`test` each name shard directories, manifests or globs.
 
-    `layout` (from the manifests) tells the model its vocabulary. Train windows are shuffled by (seed, epoch), split
-    across ranks, and resume mid-epoch from a checkpoint. `verify: full` checks sizes, sha256 and id range of every
-    shard at setup (each rank a share); `size` only sizes.
+    `layout` (from the manifests) tells the model its vocabulary; `seq_len` unset (None) takes the model's context
+    (`use_context`, the LVM's block_size), so a data config composes with any model size. Train windows are shuffled by
+    (seed, epoch), split across ranks, and resume mid-epoch from a checkpoint. `verify: full` checks sizes, sha256 and
+    id range of every shard at setup (each rank a share); `size` only sizes.
     """
 
     image_size = None
@@ -177,7 +178,7 @@ class TokenDataModule(LightningDataModule, StageData):
         train: str | list[str] | None = None,
         val: str | list[str] | None = None,
         test: str | list[str] | None = None,
-        seq_len: int = 64,
+        seq_len: int | None = None,
         batch_size: int = 2,
         num_workers: int = 0,
         seed: int = 0,
@@ -188,7 +189,7 @@ class TokenDataModule(LightningDataModule, StageData):
         verify: Literal["full", "size"] = "full",
     ) -> None:
         super().__init__()
-        if seq_len < 1 or batch_size < 1:
+        if (seq_len is not None and seq_len < 1) or batch_size < 1:
             raise UserError(f"data: seq_len={seq_len} and batch_size={batch_size} must be >= 1")
         self.splits = {"train": _expand(train, "train"), "val": _expand(val, "val"), "test": _expand(test, "test")}
         if not any(self.splits.values()):
@@ -198,6 +199,7 @@ class TokenDataModule(LightningDataModule, StageData):
         self.modes = {"train": train_windows, "val": eval_windows, "test": eval_windows}
         self.manifests = {k: [shards.load_manifest(p) for p in v] for k, v in self.splits.items()}
         self.layout = self._common_layout()
+        self.streams: dict[str, TokenStream] = {}
         self.datasets: dict[str, PackedWindows] = {}
         self.order = TrainOrder(batch_size, seed, shuffle)
 
@@ -216,25 +218,38 @@ class TokenDataModule(LightningDataModule, StageData):
     def setup(self, stage: str) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
         for split in wanted:
-            if split in self.datasets or not self.manifests[split]:
+            if split in self.streams or not self.manifests[split]:
                 continue
             self._validate(split)
-            stream = TokenStream(self.manifests[split])
+            self.streams[split] = TokenStream(self.manifests[split])
+        if stage == "fit" and "train" not in self.streams:
+            raise UserError("data.train: fitting needs train shard directories")
+        self._cut_windows()
+
+    def use_context(self, block_size: int) -> None:
+        """The model's context length: without a seq_len of its own, the windows are `block_size` tokens."""
+        if self.seq_len is None:
+            self.seq_len = block_size
+            self._cut_windows()
+
+    def _cut_windows(self) -> None:
+        if self.seq_len is None:
+            return  # until the model tells its context (use_context)
+        for split, stream in self.streams.items():
+            if split in self.datasets:
+                continue
             if self.modes[split] == "stream":
                 starts, lengths = stream_windows(stream.num_tokens, self.seq_len, self.tail)
             else:
                 starts, lengths = sentence_windows(stream.sentence_starts, stream.num_tokens, self.seq_len)
             self.datasets[split] = PackedWindows(stream, self.layout, self.seq_len, starts, lengths)
             say(f"{split}: {stream.num_tokens} tokens in {len(starts)} windows of {self.seq_len}")
-        if stage == "fit" and "train" not in self.datasets:
-            raise UserError("data.train: fitting needs train shard directories")
 
     def sentence_index(self, split: str) -> SentenceIndex | None:
-        """Where each sentence of `split`'s stream starts and its kind (after `setup` built the split)."""
-        dataset = self.datasets.get(split)
-        if dataset is None:
+        """Where each sentence of `split`'s stream starts and its kind (after `setup` read the split)."""
+        stream = self.streams.get(split)
+        if stream is None:
             return None
-        stream = dataset.stream
         return SentenceIndex(stream.sentence_starts, stream.num_tokens, stream.kinds)
 
     def _validate(self, split: str) -> None:
@@ -260,16 +275,21 @@ class TokenDataModule(LightningDataModule, StageData):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _windows(self) -> dict[str, PackedWindows]:
+        if self.seq_len is None:
+            raise UserError("data.seq_len: not set, and no LVM gave its block_size; set data.init_args.seq_len")
+        return self.datasets
+
     def train_dataloader(self) -> DataLoader:
-        if "train" not in self.datasets:
+        if "train" not in self._windows():
             raise UserError("data.train: no train shard directories given")
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val") if "val" in self.datasets else []  # no val shards: Lightning skips validation
+        return self._loader("val") if "val" in self._windows() else []  # no val shards: Lightning skips validation
 
     def test_dataloader(self) -> DataLoader | list:
-        if "test" not in self.datasets:
+        if "test" not in self._windows():
             raise UserError("data.test: no test shard directories given")
         return self._loader("test")
 

@@ -64,15 +64,6 @@ def stages(v: Variant) -> list[Stage]:
     vqgan = f"-c configs/vqgan/tiny.yaml -c configs/demo/data.yaml -c configs/demo/{v.vqgan_config}.yaml"
     lvm_demo = " ".join(f"-c configs/demo/{name}.yaml" for name in dict.fromkeys(["lvm", v.lvm_config]))
 
-    def tokenize(split: str) -> Stage:
-        return Stage(
-            f"tokenize_{split}",
-            f"tokenize the {split} sentences into shards",
-            f"predict {vqgan} -c configs/tokenize.yaml --ckpt_path {v.vqgan_ckpt} --data.init_args.predict_split"
-            f" {split} --trainer.callbacks.init_args.split {split} --trainer.callbacks.init_args.output_dir"
-            f" {v.tokens}/{split}",
-        )
-
     return [
         Stage("vqgan_fit", "train the tiny VQGAN tokenizer", f"fit {vqgan} --ckpt_path last"),
         Stage(
@@ -80,8 +71,11 @@ def stages(v: Variant) -> list[Stage]:
             "evaluate the tokenizer (PSNR, SSIM, codebook usage)",
             f"test {vqgan} --ckpt_path {v.vqgan_ckpt} --trainer.logger.init_args.version {v.name}",
         ),
-        tokenize("train"),
-        tokenize("val"),
+        Stage(
+            "tokenize",
+            "tokenize the train and val sentences into shards",
+            f"tokenize {vqgan} --ckpt_path {v.vqgan_ckpt} --output_dir {v.tokens} --splits train val",
+        ),
         Stage(
             "lvm_fit",
             "train the tiny LVM on the token shards",
@@ -244,7 +238,7 @@ def demo(only: list[str] | None = None, long: bool = False, scaling: bool = Fals
     """Run the demo stages in order (all, or only the named ones) and print the summary.
 
     Args:
-        only: stage names to run (vqgan_fit, vqgan_test, tokenize_train, tokenize_val, lvm_fit, lvm_test, generate).
+        only: stage names to run (vqgan_fit, vqgan_test, tokenize, lvm_fit, lvm_test, generate).
         long: the long variant (configs/demo/*_long.yaml: longer training, its own runs; see docs/demo.md).
         scaling: the scaling study instead: three LVM sizes on the default demo's shards for the same number of
             tokens, validation loss against tokens in runs/scaling/ (about 30 minutes on 2 CPU cores).
@@ -272,7 +266,7 @@ def scaling_study() -> None:
     if not Path("main.py").exists():
         raise UserError("run the demo from the repository root (where main.py is)")
     for stage in STAGES:
-        if stage.name == "vqgan_fit" or stage.name.startswith("tokenize"):
+        if stage.name in ("vqgan_fit", "tokenize"):
             run_stage(stage, Path("runs", DEFAULT.name))
     for stage in scaling.stages():
         run_stage(stage, scaling.OUT)

@@ -185,7 +185,7 @@ def load_manifest(path: str | Path) -> Manifest:
     if path.is_dir():
         path = path / MANIFEST
     if not path.is_file():
-        raise UserError(f"{path}: no token manifest here; tokenize first (main.py predict -c configs/tokenize.yaml)")
+        raise UserError(f"{path}: no token manifest here; tokenize first (python main.py tokenize)")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:

@@ -59,6 +59,10 @@ class StageData(Protocol):
         """The data in a few words, for messages (e.g. the first manifest of token shards)."""
         return type(self).__name__
 
+    def use_context(self, block_size: int) -> None:
+        """The model's context length, told at the model's setup: token data without its own `seq_len` cuts windows
+        that long (so a data config composes with any model size); other data ignores it."""
+
     def work_units(self, split: str, sentences_per_unit: int) -> list[WorkUnit] | None:
         """The work units tokenizing `split` is cut into (sentence data), else None."""
         return None

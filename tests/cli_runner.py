@@ -36,6 +36,13 @@ PRELOAD = [
     "callbacks.image_writer",
     "lightning.pytorch.loggers",
 ]
+# parsed once (`--print_config`, output dropped) in the server: jsonargparse caches each class's signature, so a child
+# parses its command in a quarter of the time (measured: 9.4 s cold, 1.9 s warm under load)
+WARM_PARSES = [
+    "fit -c configs/vqgan/tiny.yaml -c configs/data/builtin.yaml",
+    "fit -c configs/lvm/recipe.yaml -c configs/trainer/deepspeed_zero2.yaml -c configs/data/tokens.yaml",
+    "predict -c configs/generate.yaml",
+]
 
 
 def _child(request: dict) -> None:
@@ -67,12 +74,31 @@ def _child(request: dict) -> None:
         os._exit(code)
 
 
-def serve(parallel: int) -> None:
-    """Read every request from stdin, then run them `parallel` at a time; report each as it finishes."""
+def warm_up() -> None:
+    """Import what the commands use and fill jsonargparse's caches, before any child is forked."""
+    import contextlib
     import importlib
+    import io
 
     for name in PRELOAD:
         importlib.import_module(name)
+    from main import main
+
+    cwd, argv = os.getcwd(), sys.argv
+    os.chdir(REPO)
+    try:
+        for command in WARM_PARSES:
+            sys.argv = ["main.py", *command.split(), "--print_config"]  # as LightningCLI expects to find them
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+                main(sys.argv[1:])
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+
+
+def serve(parallel: int) -> None:
+    """Read every request from stdin, then run them `parallel` at a time; report each as it finishes."""
+    warm_up()
     requests = [json.loads(line) for line in sys.stdin if line.strip()]
     running: dict[int, tuple[int, float]] = {}
     pending = list(enumerate(requests))
@@ -119,10 +145,7 @@ def run_commands(commands: list[dict], parallel: int = 2, timeout: float = 600) 
 def serve_stream() -> None:
     """Answer requests one by one as they arrive on stdin, until it closes: fork, wait, reply. A request with
     `detach` is answered with the child's pid at once; `{"wait": pid}` waits for such a child and replies its rc."""
-    import importlib
-
-    for name in PRELOAD:
-        importlib.import_module(name)
+    warm_up()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():

@@ -220,6 +220,14 @@ class LVM(LightningModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
 
+    def setup(self, stage: str) -> None:
+        """The window handshake, before any model is built: token data without its own seq_len takes the model's
+        block_size; a longer window than the model holds stops here, naming both values."""
+        data = stage_data(self.trainer)
+        if data is not None:
+            data.use_context(self.config.block_size)
+        self._data_window()
+
     def on_fit_start(self) -> None:
         seq_len = self._data_window()
         if seq_len is not None and seq_len < self.config.block_size:
@@ -235,9 +243,9 @@ class LVM(LightningModule):
         seq_len = data.seq_len if data is not None else None
         if seq_len is not None and seq_len > self.config.block_size:
             raise UserError(
-                f"data.seq_len={seq_len} is longer than the model's block_size={self.config.block_size}: set"
-                f" data.init_args.seq_len to {self.config.block_size} (or model.init_args.overrides.block_size to"
-                f" {seq_len}); configs compose left to right, so the last -c that sets it wins"
+                f"data.seq_len={seq_len} is longer than the model's block_size={self.config.block_size}: leave"
+                f" data.init_args.seq_len unset (windows then follow the model) or set it to {self.config.block_size},"
+                f" or set model.init_args.overrides.block_size to {seq_len}"
             )
         return seq_len
 
@@ -255,7 +263,6 @@ class LVM(LightningModule):
         self._eval_step(batch, batch_idx, "val")
 
     def on_test_epoch_start(self) -> None:
-        self._data_window()
         context = self.evaluation.context_frames
         fit = self._layout.frames_that_fit(self.config.block_size) - 1  # context frames beside the target
         if context > fit:

@@ -12,6 +12,7 @@ import shlex
 import pytest
 import yaml
 
+from lvm_pl.lvm.config import LVMConfig
 from lvm_pl.lvm.module import RENAMED, migrate_hparams
 from main import cli
 
@@ -45,6 +46,10 @@ def today(old: dict) -> dict:
         # added since: the recipe names the document-masked attention (the code default then and now)
         model["overrides"] = {**(model.get("overrides") or {}), "doc_mask": True}
         old["model"]["init_args"] = model
+        # changed since: the data's windows follow the model's block_size, which is what the old file set
+        window = LVMConfig.from_name(model["preset"], **model["overrides"]).block_size
+        assert old["data"]["init_args"]["seq_len"] == window
+        old["data"]["init_args"]["seq_len"] = None
     else:  # added since: the tokenizer's pixel range (its default, [-1, 1], is what the old code fed)
         model["input_range"] = [-1.0, 1.0]
     old["data"]["init_args"].pop("vocab_size", None)

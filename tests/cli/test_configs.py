@@ -1,12 +1,12 @@
-"""Every YAML under configs/ is exercised, through the command its own header documents.
+"""Every YAML under configs/ resolves through the command its own header documents.
 
 Each config carries a usage line (the first comment line that starts with `python main.py`, continued by lines ending
-in a backslash). The test runs exactly that command, in a working directory where the paths configs use by default
+in a backslash). tests/cli/test_documented_commands.py runs every such line as written (tiny); here each Trainer
+usage line resolves (`--print_config`), in a working directory where the paths configs use by default
 (`data/tokens/*`, `data/images`, `data/videos`, `data/shards`, `prompts.yaml`, `prompts/`) hold tiny real inputs, with
 checkpoint paths pointed at tiny checkpoints made by the real CLI (tests/conftest.py:tiny_assets), plus tiny overrides:
-small images and splits, no workers, `fast_dev_run`. GPU-only trainers (accelerator gpu, DeepSpeed, FSDP) run on the CPU
-with the default strategy and the tiny LVM preset, which checks all but the strategy; their real runs are `gpu` tests.
-A config added later is covered without touching this file, and a usage line that stops working fails here.
+small images and splits, no workers, `fast_dev_run`. GPU-only trainers (accelerator gpu, DeepSpeed, FSDP) run their
+strategy in the `gpu` tests. A config added later is covered without touching this file.
 """
 
 from __future__ import annotations
@@ -22,7 +22,19 @@ from helpers import compose, config_files, usage
 
 from main import cli, main
 
-CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+
+def _trainer_usage(rel: str) -> bool:
+    try:
+        return usage(rel)[0] in ("fit", "validate", "test", "predict")
+    except AssertionError:  # no usage line: the tests below report it
+        return True
+
+
+# configs whose usage is another command (`tokenize`: configs/tokenize.yaml, configs/data/video.yaml) run only in
+# tests/cli/test_documented_commands.py
+CONFIGS = [
+    c for c in sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")) if _trainer_usage(c)
+]
 
 
 def is_subclass(path: str | None, base: str) -> bool:
@@ -68,8 +80,6 @@ def tiny(rel: str, assets: dict, gpu: bool = False) -> list[str]:
         args.append("--data.init_args.image_size=32")  # the fixture tokenizer and LVM were made at 32 px
     if "batch_size" in data:
         args.append("--data.init_args.batch_size=2")
-    if "seq_len" in data:
-        args.append("--data.init_args.seq_len=64")
     source = data.get("source") or {}
     if str(source.get("class_path", "")).endswith("BuiltinSource"):
         args.append("--data.init_args.source.init_args.splits={train: 8, val: 4, test: 4}")
@@ -138,11 +148,6 @@ def test_config_prints_its_resolved_config(rel, tiny_assets, workdir, capsys):
     out = capsys.readouterr().out
     printed = yaml.safe_load(out[re.search(r"^(# |[a-z_]+:)", out, re.M).start() :])  # skip lines logged before it
     assert printed["model"]["class_path"] and printed["data"]["class_path"] and "trainer" in printed
-
-
-@pytest.mark.parametrize("rel", CONFIGS)
-def test_config_runs_its_usage_tiny(rel, tiny_assets, workdir):
-    cli(tiny(rel, tiny_assets))
 
 
 def _gpu_only(rel: str) -> bool:

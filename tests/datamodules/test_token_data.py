@@ -246,7 +246,7 @@ def test_data_config_builds_the_module(tmp_path, repo_root):
         run=False,
     )
     dm = c.datamodule
-    assert isinstance(dm, TokenDataModule) and dm.seq_len == 4096 and dm.layout == LAYOUT
+    assert isinstance(dm, TokenDataModule) and dm.seq_len is None and dm.layout == LAYOUT
     assert dm.splits["val"] == [tmp_path / "val"]
 
 
