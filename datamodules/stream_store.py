@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import fsspec
 
+from lvm_pl.atomic import error_chain
 from lvm_pl.console import UserError
 
 DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403")
@@ -68,18 +69,10 @@ def named_faults(url: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as err:  # fsspec backends raise their own types (botocore, aiohttp, OSError)
-        found = next((f for e in _chain(err) if (f := fault(url, e)) is not None), None)
+        found = next((f for e in error_chain(err) if (f := fault(url, e)) is not None), None)
         if found is None:
             raise
         raise found from None
-
-
-def _chain(err: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
 
 
 def read_json(url: str) -> dict:

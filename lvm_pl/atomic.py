@@ -91,7 +91,7 @@ def storage_fault(
 ) -> StorageError | None:
     """A `StorageError` naming `path` when `err` is a full disk, a read-only file system or a denied permission;
     `needed`: the output's size when known, `written`: the bytes written before the disk filled."""
-    cause = next((e for e in _chain(err) if getattr(e, "errno", None) in FULL | DENIED.keys()), err)
+    cause = next((e for e in error_chain(err) if getattr(e, "errno", None) in FULL | DENIED.keys()), err)
     code = getattr(cause, "errno", None)  # torch's writer reports the OSError it met as the context of its own
     full = code in FULL or "No space left on device" in str(err)
     if not full and code not in DENIED:
@@ -108,7 +108,7 @@ def storage_fault(
     return StorageError(f"{path}: {full_text}{kept}")
 
 
-def _chain(err: BaseException) -> Iterator[BaseException]:
+def error_chain(err: BaseException | None) -> Iterator[BaseException]:
     """`err` and the exceptions it was raised from or during, each once."""
     seen = set()
     while err is not None and id(err) not in seen:

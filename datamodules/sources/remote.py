@@ -14,6 +14,7 @@ from typing import IO
 
 import fsspec
 
+from lvm_pl.atomic import error_chain
 from lvm_pl.console import UserError
 
 Options = dict[str, dict]
@@ -24,7 +25,7 @@ UNREACHABLE = ("Could not connect", "Connect call failed", "Connection refused",
 
 def remote_error(url: str, err: BaseException) -> UserError:
     """The one-line `UserError` for a failure to list or open `url`."""
-    text = " ".join(f"{type(e).__name__}: {e}" for e in _chain(err))
+    text = " ".join(f"{type(e).__name__}: {e}" for e in error_chain(err))
     if any(code in text for code in DENIED_CODES) or isinstance(err, PermissionError):
         return UserError(
             f"{url}: access denied by the storage service; check the credentials in the environment "
@@ -36,14 +37,6 @@ def remote_error(url: str, err: BaseException) -> UserError:
     if isinstance(err, FileNotFoundError) or "NoSuchKey" in text or "NoSuchBucket" in text or "404" in text:
         return UserError(f"{url}: no such shard (check the URL, its brace range or glob)")
     return UserError(f"{url}: cannot open ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
-
-
-def _chain(err: BaseException | None):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
 
 
 def protocol(url: str) -> str:
