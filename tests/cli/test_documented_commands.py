@@ -87,6 +87,9 @@ PLACEHOLDERS = {
     "<data config>": "configs/data/builtin.yaml",
     "<vqgan.ckpt>": "runs/vqgan_tiny/checkpoints/last.ckpt",
     "<lvm.ckpt>": "runs/lvm_tiny/checkpoints/last.ckpt",
+    # an absolute output path (the shared file system of docs/corpora.md): written inside the test's directory, never
+    # at the root of the machine that runs the tests
+    "/shared/tokens": "shared/tokens",
 }
 
 # paths the docs name as made by an earlier step (or by the user) -> the tiny asset copied there when a command reads
