@@ -1,15 +1,13 @@
 """The optimizer follows the strategy: every config's optimizer, built against the strategy its usage line composes,
 is one DeepSpeed accepts; DeepSpeed's CPU Adam builds here and steps like AdamW; the shared warmup-cosine schedule.
 
-DeepSpeed's CPU Adam is a C++ op built on first use (about 2-4 minutes on 2 busy cores); the build is cached in
-TORCH_EXTENSIONS_DIR (default here: ~/.cache/lvm-pl/torch_extensions), so later runs load it in a second.
+DeepSpeed's CPU Adam is a C++ op built on first use (about 2-4 minutes on 2 busy cores); `make install` builds it
+into the venv's TORCH_EXTENSIONS_DIR (the Makefile's), so the tests load it in a second.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +20,6 @@ from lvm_pl.lvm.module import LVM
 from lvm_pl.optim import adamw, offloads_optimizer, warmup_cosine
 from lvm_pl.tokens import TokenLayout
 from lvm_pl.vqgan.module import VQGAN
-
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lvm-pl" / "torch_extensions"))
 
 STAGE_CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("[lv][vq]*/*.yaml"))
 SMALL = dict(n_embd=32, n_layer=1, n_head=2, n_query_groups=2, intermediate_size=32, block_size=64)
