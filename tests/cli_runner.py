@@ -57,6 +57,9 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        # as `python main.py` with this environment would: its PYTHONPATH entries first on the path
+        extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+        sys.path[:0] = extra
         sys.argv = [str(REPO / "main.py"), *request["argv"]]
         try:
             runpy.run_path(str(REPO / "main.py"), run_name="__main__")

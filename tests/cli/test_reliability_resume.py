@@ -116,9 +116,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
-def _fit_command(repo_root: Path, stage: str, override: Path, *extra: str) -> list[str]:
+def _fit_args(repo_root: Path, stage: str, override: Path, *extra: str) -> list[str]:
+    """`main.py`'s arguments: the stage's configs, then the override (run by the warm server as `python main.py`)."""
     configs = [arg for c in STAGES[stage]["configs"] for arg in ("-c", str(repo_root / c))]
-    return [sys.executable, str(repo_root / "main.py"), "fit", *configs, "-c", str(override), *extra]
+    return ["fit", *configs, "-c", str(override), *extra]
+
+
+def _alive(pid: int) -> bool:
+    """Whether the warm server's child `pid` still runs (a finished one is a zombie until the server reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _last(repo_root: Path, stage: str, run_dir: Path) -> Path:
@@ -161,8 +170,9 @@ def _assert_bitwise_equal(a, b, where: str = "") -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["lvm", "vqgan"])
-def test_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root, stage):
-    """kill -9 after step 7 (last checkpoint at step 6), resume with `--ckpt_path last`: final state == reference."""
+def test_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root, warm_cli, stage):
+    """kill -9 after step 7 (last checkpoint at step 6), resume with `--ckpt_path last`: final state == reference.
+    Each run is `python main.py fit ...` forked from the warm server (tests/cli_runner.py), its own process."""
     missing = [c for c in STAGES[stage]["configs"] if not (repo_root / c).exists()]
     if missing:
         pytest.skip(f"{stage} stage not on this checkout yet: {missing} missing")
@@ -171,31 +181,22 @@ def test_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root, st
 
     ref_dir = tmp_path / "reference"
     ref_dir.mkdir()
-    ref = subprocess.run(
-        _fit_command(repo_root, stage, _override(repo_root, stage, ref_dir, tmp_path / "data", 0.0)),
-        cwd=ref_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ref = warm_cli.run(_fit_args(repo_root, stage, _override(repo_root, stage, ref_dir, tmp_path / "data", 0.0)),
+                       cwd=ref_dir, env=env)  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
     run_dir.mkdir()
     override = _override(repo_root, stage, run_dir, tmp_path / "data", 0.5)
-    command = _fit_command(repo_root, stage, override)
-    proc = subprocess.Popen(command, cwd=run_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = warm_cli.start(_fit_args(repo_root, stage, override), cwd=run_dir, env=env)
     kill_after, deadline = 2 * EVERY + 1, time.monotonic() + 300
     step_file = run_dir / "step.txt"
     while not (step_file.exists() and step_file.read_text() and int(step_file.read_text()) >= kill_after):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert _alive(started.pid), started.err.read_text()[-3000:]
         assert time.monotonic() < deadline, "the run did not reach the kill step"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    os.kill(started.pid, signal.SIGKILL)
+    assert warm_cli.wait(started).returncode == -signal.SIGKILL
     saved = torch.load(_last(repo_root, stage, run_dir), map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2 * EVERY
     # and a save killed half-way (SIGKILL skips the temp file's cleanup): the resumed run must remove its leftover
@@ -204,14 +205,7 @@ def test_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root, st
     assert killed.returncode == -signal.SIGKILL and len(list(checkpoints.glob(".last.ckpt.tmp-*"))) == 1
 
     unpaced = _override(repo_root, stage, run_dir, tmp_path / "data", 0.0)
-    resumed = subprocess.run(
-        _fit_command(repo_root, stage, unpaced, "--ckpt_path=last"),
-        cwd=run_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = warm_cli.run(_fit_args(repo_root, stage, unpaced, "--ckpt_path=last"), cwd=run_dir, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint" in resumed.stderr, resumed.stderr
     assert not list(checkpoints.glob(".*.tmp-*")), "a killed save's temp file survived the resume"
