@@ -271,7 +271,7 @@ def scaling_study() -> None:
     for stage in scaling.stages():
         run_stage(stage, scaling.OUT)
     curves = scaling.collect()
-    paths = scaling.write(curves)
+    paths = scaling.write(curves, scaling.parameters())
     print(
         "\n".join(["", "== lvm-pl scaling study", f"figure      : {paths[1]} ({paths[0]})", *scaling.verdict(curves)])
     )

@@ -1,8 +1,9 @@
 """`python main.py demo --scaling true`: the paper's scaling trend (its Figure 3) in miniature.
 
 Three LVM sizes (`configs/demo/scaling_{small,medium,large}.yaml`) train on the demo's token shards for the same
-number of tokens (`configs/demo/scaling.yaml`); their validation loss against tokens seen goes to
-`runs/scaling/scaling.{csv,png}`. The tokenizer and shards are the default demo's (its stages run first when missing).
+number of tokens (`configs/demo/scaling.yaml`); their validation loss against tokens seen (and each size's parameter
+count, from its last checkpoint) goes to `runs/scaling/scaling.{csv,png}`. The tokenizer and shards are the default
+demo's (its stages run first when missing).
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from lvm_pl import atomic
 from lvm_pl.console import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SIZES = ("small", "medium", "large")
 OUT = Path("runs/scaling")
@@ -72,20 +77,35 @@ def collect(root: Path = Path("runs")) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-def write(curves: dict[str, list[tuple[int, float]]], out: Path = OUT) -> list[Path]:
-    """scaling.csv (size, tokens, val_loss) and scaling.png (loss against tokens, one line per size), atomically."""
+def parameters(root: Path = Path("runs")) -> dict[str, int]:
+    """Per size: the LVM's parameter count, summed over its last checkpoint's weights (read as data)."""
+    from lvm_pl.safe_load import load_torch_file
+
+    counts = {}
+    for size in SIZES:
+        state = load_torch_file(root / f"scaling_{size}" / "checkpoints" / "last.ckpt", mmap=True)["state_dict"]
+        counts[size] = sum(t.numel() for name, t in state.items() if name.startswith("model."))
+    return counts
+
+
+def write(curves: dict[str, list[tuple[int, float]]], params: dict[str, int], out: Path = OUT) -> list[Path]:
+    """scaling.csv (size, params, tokens, val_loss) and scaling.png (loss against tokens per size), atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["size", "tokens", "val_loss"])
-    writer.writerows([size, tokens, f"{loss:.5f}"] for size, points in curves.items() for tokens, loss in points)
+    writer.writerow(["size", "params", "tokens", "val_loss"])
+    writer.writerows(
+        [size, params[size], tokens, f"{loss:.5f}"] for size, points in curves.items() for tokens, loss in points
+    )
     paths = [out / "scaling.csv", out / "scaling.png"]
     atomic.write_text(paths[0], buf.getvalue())
-    atomic.write_bytes(paths[1], plot(curves))
+    buf = io.BytesIO()
+    figure(curves, params).savefig(buf, format="png")
+    atomic.write_bytes(paths[1], buf.getvalue())
     return paths
 
 
-def plot(curves: dict[str, list[tuple[int, float]]]) -> bytes:
-    """PNG bytes: validation loss against tokens seen, one line per model size (Agg canvas, no display)."""
+def figure(curves: dict[str, list[tuple[int, float]]], params: dict[str, int]) -> Figure:
+    """Validation loss against tokens seen, one line per size labelled with its parameter count (Agg, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -93,16 +113,15 @@ def plot(curves: dict[str, list[tuple[int, float]]]) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for size, points in curves.items():
-        ax.plot([t / 1e6 for t, _ in points], [loss for _, loss in points], marker="o", markersize=3, label=size)
+        label = f"{size} ({params[size] / 1e6:.2f}M params)"
+        ax.plot([t / 1e6 for t, _ in points], [loss for _, loss in points], marker="o", markersize=3, label=label)
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("validation loss (nats per token)")
     ax.set_title("LVM sizes on the same tokens (demo shards)")
     ax.grid(alpha=0.3)
     ax.legend(title="model")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 def verdict(curves: dict[str, list[tuple[int, float]]]) -> list[str]:
