@@ -73,7 +73,8 @@ def collect(root: Path = Path("runs")) -> dict[str, list[tuple[int, float]]]:
         points = validation_curve(root / f"scaling_{size}")
         if not points:
             raise UserError(f"scaling study: no val/loss logged under {root / f'scaling_{size}'}; run its stage again")
-        curves[size] = [(step * per_step, loss) for step, loss in points]
+        # Lightning logs a mid-epoch validation at the count of steps before the one just trained (99 after 100)
+        curves[size] = [((step + 1) * per_step, loss) for step, loss in points]
     return curves
 
 

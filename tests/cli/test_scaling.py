@@ -16,7 +16,8 @@ from lvm_pl.lvm.model import LLaMA
 
 
 def log_run(root, size: str, version: int, points: dict[int, float]) -> None:
-    """val/loss at these steps, written the way Lightning's TensorBoardLogger writes them."""
+    """val/loss at these logged steps, written the way Lightning's TensorBoardLogger writes them (the validation
+    after 100 training steps is logged at step 99)."""
     writer = SummaryWriter(str(root / f"scaling_{size}" / f"version_{version}"))
     for step, loss in points.items():
         writer.add_scalar("val/loss", loss, step)
@@ -43,8 +44,8 @@ def test_curves_from_resumed_runs_in_tokens_and_the_verdict(in_repo):
     runs = in_repo / "runs"
     losses = {"small": 3.0, "medium": 2.5, "large": 2.0}
     for size, loss in losses.items():
-        log_run(runs, size, 0, {100: loss + 1, 200: loss + 0.5})
-        log_run(runs, size, 1, {300: loss})  # resumed after a kill: a second logger version
+        log_run(runs, size, 0, {99: loss + 1, 199: loss + 0.5})
+        log_run(runs, size, 1, {299: loss})  # resumed after a kill: a second logger version
     params = {size: save_checkpoint(runs, size, n_embd) for size, n_embd in zip(losses, (16, 32, 64), strict=True)}
     curves = scaling.collect(runs)
     assert scaling.parameters(runs) == params
@@ -67,6 +68,6 @@ def test_curves_from_resumed_runs_in_tokens_and_the_verdict(in_repo):
 
 
 def test_a_size_without_validation_is_named(in_repo):
-    log_run(in_repo / "runs", "small", 0, {100: 3.0})
+    log_run(in_repo / "runs", "small", 0, {99: 3.0})
     with pytest.raises(Exception, match="no val/loss logged under .*scaling_medium"):
         scaling.collect(in_repo / "runs")
