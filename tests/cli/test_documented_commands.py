@@ -42,7 +42,8 @@ SKIP = {
     "python main.py demo": "= make demo",
     "python main.py demo --long true": "50 minutes; its commands are the demo's with configs/demo/*_long.yaml "
     "(tests/cli/test_demo.py checks each as a CLI command)",
-    "python main.py demo --scaling true": "30 minutes; tests/cli/test_scaling.py runs the study's commands tiny",
+    "python main.py demo --scaling true": "35 minutes; its fits are the Usage lines of configs/demo/scaling_*.yaml"
+    " (run here with the config headers), tests/cli/test_scaling.py checks its curves, CSV, figure and verdict",
     "python main.py convert-zero --checkpoint_dir runs/lvm_300m/checkpoints/last.ckpt --out lvm_300m.ckpt": "needs "
     "a DeepSpeed ZeRO checkpoint directory, which only a GPU run writes; tests/lvm_pl/interop/test_interop_zero.py "
     "runs convert-zero on one laid out as DeepSpeed writes it",
