@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cli_runner import run_commands
 from helpers import REPO, config, lvm_shape
 from lightning.pytorch.callbacks import Callback
 from s3_server import free_port
@@ -48,26 +46,23 @@ def write_shards(path: Path, sentences: int, low: int = 0, high: int = 64, seed:
     return path
 
 
-def main_py(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "main.py"), *args],
-        capture_output=True,
-        text=True,
-        env={**(env or os.environ), "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), str(REPO / "tests")])},
-        cwd=cwd,
-        timeout=300,
+def main_py(cli, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python main.py args` with this folder and tests/ on PYTHONPATH, forked from the warm server `cli`."""
+    path = os.pathsep.join([str(REPO), str(HERE), str(REPO / "tests")])
+    return cli.run(list(args), cwd=cwd or os.getcwd(), env={**(env or os.environ), "PYTHONPATH": path})
+
+
+def stream_tokens(cli, src: Path, out: str, seq_len: int, env: dict | None = None, *more: str) -> None:
+    done = main_py(
+        cli, "stream-tokens", "--input", str(src), "--output", out, "--seq_len", str(seq_len), *more, env=env
     )
-
-
-def stream_tokens(src: Path, out: str, seq_len: int, env: dict | None = None, *more: str) -> None:
-    done = main_py("stream-tokens", "--input", str(src), "--output", out, "--seq_len", str(seq_len), *more, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_windows_from_s3_equal_windows_from_local_disk(tmp_path, s3_server, monkeypatch):
+def test_windows_from_s3_equal_windows_from_local_disk(tmp_path, s3_server, monkeypatch, warm_cli):
     src = write_shards(tmp_path / "shards", 40)
     url = s3_server.bucket("same") + "/tokens/train"
-    stream_tokens(src, url, 16, s3_server.env(), "--chunk_bytes", "2KB")
+    stream_tokens(warm_cli, src, url, 16, s3_server.env(), "--chunk_bytes", "2KB")
     assert len(s3_server.fs().ls("same/tokens/train")) > 3  # several chunks: reads cross chunk boundaries
     for key, value in s3_server.env().items():
         if key.startswith("AWS_"):
@@ -89,11 +84,11 @@ def test_windows_from_s3_equal_windows_from_local_disk(tmp_path, s3_server, monk
         assert torch.equal(batch.doc_ids[r], want["doc_ids"])
 
 
-def test_weighted_mix_gives_the_asked_proportions(tmp_path):
+def test_weighted_mix_gives_the_asked_proportions(tmp_path, warm_cli):
     write_shards(tmp_path / "low", 300, 0, 32, seed=1)  # ids < 32: source "low"
     write_shards(tmp_path / "high", 300, 32, 64, seed=2)
     for name in ("low", "high"):
-        stream_tokens(tmp_path / name, str(tmp_path / "stream" / name), 8, None, "--chunk_bytes", "4KB")
+        stream_tokens(warm_cli, tmp_path / name, str(tmp_path / "stream" / name), 8, None, "--chunk_bytes", "4KB")
     weights = {str(tmp_path / "stream" / "low"): 0.8, str(tmp_path / "stream" / "high"): 0.2}
     dm = StreamingTokenDataModule(train=weights, batch_size=4, mix_block=100)
     dm.setup("fit")
@@ -124,11 +119,11 @@ def test_mix_plan_is_a_permutation_independent_of_ranks():
 
 
 @pytest.mark.slow
-def test_training_resumed_onto_another_number_of_ranks_sees_each_window_once(tmp_path, s3_server):
+def test_training_resumed_onto_another_number_of_ranks_sees_each_window_once(tmp_path, s3_server, warm_cli):
     src = write_shards(tmp_path / "shards", 75)  # 1350 tokens: 84 windows of 16 (tail dropped)
     url = s3_server.bucket("resume") + "/train"
     env = s3_server.env(OMP_NUM_THREADS="1")
-    stream_tokens(src, url, 16, env, "--tail", "drop", "--chunk_bytes", "1KB")
+    stream_tokens(warm_cli, src, url, 16, env, "--tail", "drop", "--chunk_bytes", "1KB")
     (tmp_path / "seen").mkdir()
     common = [
         "fit",
@@ -156,21 +151,27 @@ def test_training_resumed_onto_another_number_of_ranks_sees_each_window_once(tmp
         "--trainer.callbacks.every_n_train_steps=1",
     ]
     first = main_py(
-        *common, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=3", env=env, cwd=tmp_path
+        warm_cli,
+        *common,
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_steps=3",
+        env=env,
+        cwd=tmp_path,
     )
     assert first.returncode == 0, first.stderr[-3000:]
     ranks = [(tmp_path / "seen" / f"seen-r{r}.txt").read_text().split() for r in (0, 1)]
     assert [len(r) for r in ranks] == [6, 6]  # 3 steps of 2 windows on each of 2 ranks
     (tmp_path / "seen" / "seen-r0.txt").rename(tmp_path / "seen" / "first-r0.txt")
     last = f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"
-    second = main_py(*common, "--trainer.devices=1", last, env=env, cwd=tmp_path)
+    second = main_py(warm_cli, *common, "--trainer.devices=1", last, env=env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     rest = (tmp_path / "seen" / "seen-r0.txt").read_text().split()
     seen = [int(p) for p in ranks[0] + ranks[1] + rest]
     assert sorted(seen) == [16 * w for w in range(84)]  # every window of the epoch once, none twice
 
 
-def test_storage_faults_are_one_line_naming_the_url(tmp_path, s3_server, s3_server_checking_credentials):
+def test_storage_faults_are_one_line_naming_the_url(tmp_path, s3_server, s3_server_checking_credentials, warm_cli):
     src = write_shards(tmp_path / "shards", 20)
     bucket = s3_server.bucket("faults")
     strict = s3_server_checking_credentials
@@ -193,11 +194,11 @@ def test_storage_faults_are_one_line_naming_the_url(tmp_path, s3_server, s3_serv
     fit = ["fit", "-c", config("lvm/tiny.yaml"), "-c", config("data/tokens_stream.yaml")]
     fit += [f"--data.init_args.train={never}", "--data.init_args.val=null"]
     commands.append({"argv": fit, "cwd": str(tmp_path), "env": s3_server.env()})
-    done = run_commands(commands)
+    done = [warm_cli.run(c["argv"], cwd=c["cwd"], env=c["env"]) for c in commands]
     for (name, (url, _)), result in zip(list(cases.items()) + [("missing", (never, None))], done, strict=True):
-        errors = [line for line in result["stderr"].splitlines() if line.startswith("error: ")]
-        assert result["rc"] == 2 and len(errors) == 1 and url in errors[0], (name, result["stderr"][-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 2 and len(errors) == 1 and url in errors[0], (name, result.stderr[-2000:])
         if name != "missing":
-            assert result["stderr"].strip() == errors[0], (name, result["stderr"][-2000:])  # nothing but the line
+            assert result.stderr.strip() == errors[0], (name, result.stderr[-2000:])  # nothing but the line
     assert s3_server.fs().ls("faults") == []  # nothing partial left
     assert strict.fs().ls("strict") == []
