@@ -286,7 +286,8 @@ import test_tokenize as t
 from lightning.pytorch import Trainer
 from callbacks.token_writer import TokenWriter
 
-trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+# two ranks forked from this process (ddp_fork): the same DDP ranks and collectives, one import instead of two
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_progress_bar=False,
                   enable_model_summary=False, callbacks=[TokenWriter({out!r}, 5, 60, split="train", num_special=4)])
 trainer.predict(t.FakeTokenizer(fail_at_batch={fail}), t.FakeSentenceData(batch_size=2), return_predictions=False)
 """
@@ -299,7 +300,9 @@ def test_ddp_ranks_pick_units_and_resume_to_the_one_process_shards(tmp_path):
         script.write_text(
             _DDP_SCRIPT.format(tests=os.path.dirname(__file__), helpers=str(TESTS), out=str(out), fail=fail)
         )
-        return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        env = {**os.environ, "PL_DISABLE_FORK": "0"}  # tests/conftest.py disables fork for the in-process tests
+        return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env=env)  # fmt: skip
 
     _tokenize(tmp_path / "ref", batch_size=2)
     proc = run(tmp_path / "ddp")
