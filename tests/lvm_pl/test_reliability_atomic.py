@@ -27,7 +27,7 @@ REVIEWED = {
     ): "the temporary path of atomic_path",
     ("lvm_pl/shards.py", "np.savez("): "into that file",
     ("lvm_pl/lvm/evaluation/report.py", 'fig.savefig(buf, format="png")'): "into a BytesIO, then atomic.write_bytes",
-    ("lvm_pl/scaling.py", 'fig.savefig(buf, format="png")'): "into a BytesIO, then atomic.write_bytes",
+    ("lvm_pl/scaling.py", 'figure(curves, params).savefig(buf, format="png")'): "into a BytesIO, then write_bytes",
     ("lvm_pl/interop/hf_llama.py", "config.save_pretrained(tmp)"): "the temporary directory of atomic_dir",
     (
         "lvm_pl/interop/hf_llama.py",
