@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import IO
 
 import fsspec
@@ -26,7 +27,9 @@ UNREACHABLE = ("Could not connect", "Connect call failed", "Connection refused",
 def remote_error(url: str, err: BaseException) -> UserError:
     """The one-line `UserError` for a failure to list or open `url`."""
     text = " ".join(f"{type(e).__name__}: {e}" for e in error_chain(err))
-    if any(code in text for code in DENIED_CODES) or isinstance(err, PermissionError):
+    # codes as whole words, URLs left out: a port such as 127.0.0.1:40345 is not an HTTP 403
+    words = set(re.findall(r"\w+", re.sub(r"\w+://\S+", " ", text)))
+    if words & set(DENIED_CODES) or isinstance(err, PermissionError):
         return UserError(
             f"{url}: access denied by the storage service; check the credentials in the environment "
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS) or ~/.aws"
@@ -34,7 +37,7 @@ def remote_error(url: str, err: BaseException) -> UserError:
     if any(marker in text for marker in UNREACHABLE) or isinstance(err, (ConnectionError, TimeoutError)):
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "the service's default")
         return UserError(f"{url}: cannot reach the storage endpoint ({endpoint}); check AWS_ENDPOINT_URL, the network")
-    if isinstance(err, FileNotFoundError) or "NoSuchKey" in text or "NoSuchBucket" in text or "404" in text:
+    if isinstance(err, FileNotFoundError) or words & {"NoSuchKey", "NoSuchBucket", "404"}:
         return UserError(f"{url}: no such shard (check the URL, its brace range or glob)")
     return UserError(f"{url}: cannot open ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
 
