@@ -41,6 +41,7 @@ def check_figures(figures: list[dict]) -> None:
             assert value is None or (math.isfinite(value) and value > 0), (fig["name"], key, value)
 
 
+@pytest.mark.slow  # a benchmark's quick run: 15-70 s on 2 cores
 @pytest.mark.parametrize("script", [s for s in discover() if s != VIA_MAIN])
 def test_quick_mode_writes_figures(script, tmp_path):
     proc = run_quick([f"bench.{script}"], tmp_path)
@@ -48,6 +49,7 @@ def test_quick_mode_writes_figures(script, tmp_path):
     check_figures(json.loads((tmp_path / f"{script}.json").read_text())["figures"])
 
 
+@pytest.mark.slow  # a benchmark's quick run: 15-70 s on 2 cores
 def test_make_bench_prints_one_table_and_writes_summary(tmp_path):
     proc = run_quick(["bench", "--only", VIA_MAIN.removeprefix("bench_")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -449,7 +449,12 @@ def _id(group: list[Documented]) -> str:
     return group[0].where
 
 
-@pytest.mark.parametrize("group", GROUPS, ids=_id)
+def _param(group: list[Documented]):
+    """A block of several commands is a chain of runs (5-50 s on 2 cores): `slow`, out of the inner loop."""
+    return pytest.param(group, marks=pytest.mark.slow) if len(group) > 1 else group
+
+
+@pytest.mark.parametrize("group", [_param(g) for g in GROUPS], ids=_id)
 def test_documented_commands_run_as_written(group, main_py, tiny_assets, released, tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()

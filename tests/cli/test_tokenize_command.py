@@ -28,6 +28,7 @@ def tokenize(main_py, repo_root, tiny_assets):
     return run
 
 
+@pytest.mark.slow
 def test_tokenizes_every_split_the_data_has_and_resumes(tokenize, tmp_path):
     out = tokenize("--output_dir", str(tmp_path / "tokens"))
     assert out.returncode == 0, out.stderr

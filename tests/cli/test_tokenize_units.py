@@ -52,6 +52,7 @@ def files(directory) -> dict:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_two_processes_killed_midway_then_one_finishes_as_one_process_would(command, reference, warm_cli, tmp_path):
     out = tmp_path / "tokens"
     runs = [warm_cli.start(command(out, "train")) for _ in range(2)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 import torch
 from helpers import cpu_trainer
 from lightning.pytorch import LightningModule
@@ -46,6 +47,7 @@ class Recorder(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.slow
 def test_two_ranks_get_disjoint_sentences(tmp_path):
     source = BuiltinSource(splits={"train": 12, "val": 8, "test": 0}, sequence_length=(2, 4))
     dm = VisualSentenceDataModule(source, image_size=16, unit="sentence", batch_size=2, seed=5)

@@ -147,6 +147,7 @@ def test_sidecars_video_members_and_unreadable_members(tmp_path, tiny_assets):
     assert [s.kind for s in got] == ["sequence", "single", "sequence", "single"] and got[2].meta["family"] == "clip"
 
 
+@pytest.mark.slow
 def test_tokenize_tar_shards_through_the_cli(tiny_assets, tmp_path, main_py):
     tar = tiny_assets["tar"]  # the tiny image folder as make-shards writes it: 2 train, 1 val, 1 test sentences
     data = ["-c", config("data/tar.yaml"), f"{SOURCE}.test={tar}/test/shard-*.tar"]
@@ -177,6 +178,7 @@ def test_shards_on_s3_written_and_read_through_the_cli(builtin_shards, tmp_path,
     assert_same(contents(tar_data(f"{local}/*.tar"), "train"), contents(tar_data(f"{tmp_path}/back/train/*"), "train"))
 
 
+@pytest.mark.slow
 def test_storage_faults_are_one_line_naming_the_url(
     builtin_shards, tmp_path, s3_server, s3_server_checking_credentials, main_py
 ):

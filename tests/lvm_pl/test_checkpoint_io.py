@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from lvm_pl.checkpoint_io import AtomicCheckpointIO
@@ -14,6 +15,7 @@ def test_roundtrip(tmp_path):
     assert torch.equal(io.load_checkpoint(tmp_path / "c.ckpt")["w"], torch.arange(3))
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     """A process killed (SIGKILL) in the middle of a save leaves the previous checkpoint loadable and whole."""
     path = tmp_path / "last.ckpt"

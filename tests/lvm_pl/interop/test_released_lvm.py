@@ -84,6 +84,7 @@ def released(tmp_path_factory):
     return {"root": root, "images": paths, "prompt_ids": ids, "tokens": generated.tolist(), "decoded": decoded}
 
 
+@pytest.mark.slow
 def test_import_hf_reads_both_release_forms_alike(released, repo_root):
     root = released["root"]
     done = run(
@@ -110,6 +111,7 @@ def test_import_hf_reads_both_release_forms_alike(released, repo_root):
         assert torch.equal(v, b["state_dict"][k]), k
 
 
+@pytest.mark.slow
 def test_prompt_matches_the_reference(released, repo_root):
     root = released["root"]
     if not (root / "lvm_bin.ckpt").exists():

@@ -148,6 +148,7 @@ def inception_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_test_stage_computes_rfid_with_local_inception_weights(fitted, repo_root, inception_file):
     _, ckpt = fitted
     run = cli(
@@ -158,6 +159,7 @@ def test_test_stage_computes_rfid_with_local_inception_weights(fitted, repo_root
     assert results["rfid"] >= 0 and not any("rfid" in n for n in results["notes"])
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift(inception_file):
     from lvm_pl.metrics import frechet_inception_distance
 

@@ -17,6 +17,7 @@ def vgg_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_matches_lpips_package(vgg_file):
     ours = LPIPS(pretrained=True, vgg_path=str(vgg_file))
     ours.load_backbone()
