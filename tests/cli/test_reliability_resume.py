@@ -18,6 +18,7 @@ from helpers import REPO, TESTS
 from lightning.pytorch import Callback
 
 from lvm_pl import shards
+from lvm_pl.atomic import pid_alive
 from lvm_pl.tokens import TokenLayout
 
 LAYOUT = TokenLayout(codebook_size=32, tokens_per_image=4, num_special=4)
@@ -122,14 +123,6 @@ def _fit_args(repo_root: Path, stage: str, override: Path, *extra: str) -> list[
     return ["fit", *configs, "-c", str(override), *extra]
 
 
-def _alive(pid: int) -> bool:
-    """Whether the warm server's child `pid` still runs (a finished one is a zombie until the server reaps it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _last(repo_root: Path, stage: str, run_dir: Path) -> Path:
     config = yaml.safe_load((repo_root / STAGES[stage]["configs"][0]).read_text())
     (checkpoint,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(".ModelCheckpoint")]
@@ -192,7 +185,7 @@ def test_fit_killed_mid_run_resumes_to_identical_weights(tmp_path, repo_root, wa
     kill_after, deadline = 2 * EVERY + 1, time.monotonic() + 300
     step_file = run_dir / "step.txt"
     while not (step_file.exists() and step_file.read_text() and int(step_file.read_text()) >= kill_after):
-        assert _alive(started.pid), started.err.read_text()[-3000:]
+        assert pid_alive(started.pid), started.err.read_text()[-3000:]
         assert time.monotonic() < deadline, "the run did not reach the kill step"
         time.sleep(0.05)
     os.kill(started.pid, signal.SIGKILL)
