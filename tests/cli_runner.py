@@ -7,7 +7,8 @@ per command that runs `main.py` as `__main__` with that command's argv, cwd and 
   one {"index", "rc", "seconds"} line per request on stdout, in order of completion);
 - `WarmCLI`: one server kept for the whole test session (the `main_py` fixture of tests/conftest.py), answering one
   command at a time as a test asks (`python tests/cli_runner.py --stream`); `start` runs one in the background
-  (its pid, e.g. for a test to SIGKILL it) and `wait` collects it.
+  (its pid, e.g. for a test to SIGKILL it) and `wait` collects it. A request with a `module` runs
+  `python -m module argv` instead (the benchmarks' quick runs).
 """
 
 from __future__ import annotations
@@ -60,9 +61,15 @@ def _child(request: dict) -> None:
         # as `python main.py` with this environment would: its PYTHONPATH entries first on the path
         extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
         sys.path[:0] = extra
-        sys.argv = [str(REPO / "main.py"), *request["argv"]]
+        module = request.get("module")
         try:
-            runpy.run_path(str(REPO / "main.py"), run_name="__main__")
+            if module:  # `python -m module argv`: the current directory first on the path, argv[0] the module's file
+                sys.path.insert(0, os.getcwd())
+                sys.argv = [module, *request["argv"]]
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = [str(REPO / "main.py"), *request["argv"]]
+                runpy.run_path(str(REPO / "main.py"), run_name="__main__")
             code = 0
         except SystemExit as exit_:
             if isinstance(exit_.code, str):
@@ -177,6 +184,7 @@ class Started:
     out: Path
     err: Path
     pid: int | None = None
+    program: str = "main.py"
 
 
 class WarmCLI:
@@ -196,10 +204,16 @@ class WarmCLI:
         return proc
 
     def run(
-        self, argv: list[str], cwd: str | Path | None = None, env: dict | None = None, timeout: float = 300
+        self,
+        argv: list[str],
+        cwd: str | Path | None = None,
+        env: dict | None = None,
+        timeout: float = 300,
+        module: str | None = None,
     ) -> subprocess.CompletedProcess:
-        """Run `main.py argv` in `cwd` (default: the current directory) with `env` (default: this environment)."""
-        return self.wait(self._send(argv, cwd, env), timeout)
+        """Run `main.py argv` (or `python -m module argv`) in `cwd` (default: the current directory) with `env`
+        (default: this environment)."""
+        return self.wait(self._send(argv, cwd, env, module=module), timeout)
 
     def start(self, argv: list[str], cwd: str | Path | None = None, env: dict | None = None) -> Started:
         """Start `main.py argv` in the background (as `run` would run it); `wait` collects it."""
@@ -217,25 +231,27 @@ class WarmCLI:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
             self.close()  # the hung child goes with its server; the next command starts a fresh one
-            raise subprocess.TimeoutExpired(["main.py", *started.argv], timeout)
+            raise subprocess.TimeoutExpired([started.program, *started.argv], timeout)
         reply = json.loads(self.proc.stdout.readline())
         completed = subprocess.CompletedProcess(
-            ["main.py", *started.argv], reply["rc"], started.out.read_text(), started.err.read_text()
+            [started.program, *started.argv], reply["rc"], started.out.read_text(), started.err.read_text()
         )
         started.out.unlink()
         started.err.unlink()
         return completed
 
-    def _send(self, argv: list[str], cwd: str | Path | None, env: dict | None, detach: bool = False) -> Started:
+    def _send(
+        self, argv: list[str], cwd: str | Path | None, env: dict | None, detach: bool = False, module: str | None = None
+    ) -> Started:
         if self.proc is None or self.proc.poll() is not None:
             self.proc = self._start()
         self.count += 1
         out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
         request = {"argv": [str(a) for a in argv], "cwd": str(cwd or os.getcwd()), "env": dict(env or os.environ)}
-        request |= {"stdout": str(out), "stderr": str(err), "detach": detach}
+        request |= {"stdout": str(out), "stderr": str(err), "detach": detach, "module": module}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        return Started(request["argv"], out, err)
+        return Started(request["argv"], out, err, program=f"-m {module}" if module else "main.py")
 
     def close(self) -> None:
         if self.proc is not None:

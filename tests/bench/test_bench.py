@@ -27,9 +27,10 @@ from lvm_pl.console import UserError  # noqa: E402
 VIA_MAIN = "bench_tokens"
 
 
-def run_quick(args: list[str], results: Path) -> subprocess.CompletedProcess:
+def run_quick(warm_cli, module: str, args: list[str], results: Path) -> subprocess.CompletedProcess:
+    """`python -m module args --quick`, forked from the warm server (tests/cli_runner.py: imports paid once)."""
     env = {**os.environ, "BENCH_RESULTS_DIR": str(results)}
-    return subprocess.run([sys.executable, "-m", *args, "--quick"], cwd=ROOT, env=env, capture_output=True, text=True)
+    return warm_cli.run([*args, "--quick"], cwd=ROOT, env=env, timeout=600, module=module)
 
 
 def check_figures(figures: list[dict]) -> None:
@@ -43,15 +44,15 @@ def check_figures(figures: list[dict]) -> None:
 
 @pytest.mark.slow  # a benchmark's quick run: 15-70 s on 2 cores
 @pytest.mark.parametrize("script", [s for s in discover() if s != VIA_MAIN])
-def test_quick_mode_writes_figures(script, tmp_path):
-    proc = run_quick([f"bench.{script}"], tmp_path)
+def test_quick_mode_writes_figures(script, tmp_path, warm_cli):
+    proc = run_quick(warm_cli, f"bench.{script}", [], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_figures(json.loads((tmp_path / f"{script}.json").read_text())["figures"])
 
 
 @pytest.mark.slow  # a benchmark's quick run: 15-70 s on 2 cores
-def test_make_bench_prints_one_table_and_writes_summary(tmp_path):
-    proc = run_quick(["bench", "--only", VIA_MAIN.removeprefix("bench_")], tmp_path)
+def test_make_bench_prints_one_table_and_writes_summary(tmp_path, warm_cli):
+    proc = run_quick(warm_cli, "bench", ["--only", VIA_MAIN.removeprefix("bench_")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| figure" in proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
