@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests run on CPU even where a GPU exists, except `gpu` ones
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# where `make install` built DeepSpeed's CPU Adam op (the Makefile's TORCH_EXTENSIONS_DIR), also for a bare `pytest`:
+# elsewhere the offload tests would wait minutes for the compiler
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import torch  # noqa: E402
 
