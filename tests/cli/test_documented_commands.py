@@ -449,9 +449,18 @@ def _id(group: list[Documented]) -> str:
     return group[0].where
 
 
+def _runs_a_step(command: Documented) -> bool:
+    """A Trainer command run for a step (not stopped at setup): ~10 s on 2 cores even when tiny."""
+    words = words_of(command.raw)
+    skipped = command.text in SKIP or command.text in MAKE_COVERED or command.text in SETUP_ONLY_COMMANDS
+    return bool(words) and _trainer(words) and not skipped
+
+
 def _param(group: list[Documented]):
-    """A block of several commands is a chain of runs (5-50 s on 2 cores): `slow`, out of the inner loop."""
-    return pytest.param(group, marks=pytest.mark.slow) if len(group) > 1 else group
+    """A block of several commands (a chain of runs, 5-50 s on 2 cores) or one that runs a Trainer step: `slow`, out
+    of the inner loop, which keeps the commands that print, parse or stop at setup."""
+    slow = len(group) > 1 or any(_runs_a_step(c) for c in group)
+    return pytest.param(group, marks=pytest.mark.slow) if slow else group
 
 
 @pytest.mark.parametrize("group", [_param(g) for g in GROUPS], ids=_id)
