@@ -12,14 +12,15 @@ from torch import nn
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3, twice, plus a 1x1 shortcut when the channel count changes."""
+    """GroupNorm -> SiLU -> conv (3x3, or 1x1 in a patch-local encoder), twice, plus a 1x1 shortcut when the channel
+    count changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float = 1e-6):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float = 1e-6, kernel: int = 3):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel, padding=kernel // 2)
         self.nonlinearity = nn.SiLU()
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -50,14 +51,16 @@ class Attention(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Stride-2 conv3x3 after padding right/bottom by one (diffusers' asymmetric `padding=0` variant)."""
+    """Stride-2 conv3x3 after padding right/bottom by one (diffusers' asymmetric `padding=0` variant); `local`: a
+    2x2 stride-2 conv without padding, so each output sees exactly its own 2x2 input patch."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, local: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.local = local
+        self.conv = nn.Conv2d(channels, channels, 2 if local else 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(x if self.local else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample2D(nn.Module):
@@ -75,10 +78,13 @@ class Upsample2D(nn.Module):
 class ResolutionBlock(nn.Module):
     """One resolution level: `num_layers` resnets, each followed by attention if asked."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, attention: bool):
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, groups: int, attention: bool, kernel: int = 3
+    ):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, kernel=kernel)
+            for i in range(num_layers)
         )
         if attention:
             self.attentions = nn.ModuleList(Attention(out_channels, groups) for _ in range(num_layers))
@@ -97,9 +103,18 @@ class ResolutionBlock(nn.Module):
 class DownBlock(ResolutionBlock):
     """diffusers' `DownEncoderBlock2D` / `AttnDownEncoderBlock2D`: resnets then `downsamplers.0`."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, attention: bool, down: bool):
-        super().__init__(in_channels, out_channels, num_layers, groups, attention)
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if down else None
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        groups: int,
+        attention: bool,
+        down: bool,
+        local: bool = False,
+    ):
+        super().__init__(in_channels, out_channels, num_layers, groups, attention, kernel=1 if local else 3)
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, local)]) if down else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.run_layers(x)
@@ -134,7 +149,9 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image [B, in, H, W] -> latents [B, latent, H/f, W/f] with f = 2^(levels-1)."""
+    """Image [B, in, H, W] -> latents [B, latent, H/f, W/f] with f = 2^(levels-1). `local`: only `conv_in` is 3x3,
+    then 1x1 resnets, 2x2 stride-2 downsamples, no mid block and a 1x1 `conv_out`, so a latent sees its own f x f
+    patch plus a one-pixel rim (receptive field f + 2 px)."""
 
     def __init__(
         self,
@@ -145,8 +162,11 @@ class Encoder(nn.Module):
         groups: int,
         attention_levels: list[int],
         mid_attention: bool,
+        local: bool = False,
     ):
         super().__init__()
+        if local and (attention_levels or mid_attention):
+            raise ValueError("a patch-local encoder has no attention: attention spans the whole image")
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         levels = len(block_out_channels)
         self.down_blocks = nn.ModuleList(
@@ -157,19 +177,22 @@ class Encoder(nn.Module):
                 groups,
                 attention=i in attention_levels,
                 down=i < levels - 1,
+                local=local,
             )
             for i, ch in enumerate(block_out_channels)
         )
-        self.mid_block = MidBlock(block_out_channels[-1], groups, mid_attention)
+        self.mid_block = None if local else MidBlock(block_out_channels[-1], groups, mid_attention)
         self.conv_norm_out = nn.GroupNorm(groups, block_out_channels[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[-1], latent_channels, 3, padding=1)
+        kernel = 1 if local else 3
+        self.conv_out = nn.Conv2d(block_out_channels[-1], latent_channels, kernel, padding=kernel // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
-        x = self.mid_block(x)
+        if self.mid_block is not None:
+            x = self.mid_block(x)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
@@ -249,16 +272,21 @@ class Autoencoder(nn.Module):
         in_channels: int = 3,
         out_channels: int = 3,
         encoder_norm: str = "group",
+        encoder_receptive: str = "wide",
     ):
         """`embed_dim` is the quantizer's input width (diffusers' `vq_embed_dim`; defaults to `latent_channels`).
         `encoder_norm`: "group" (diffusers' layout) or "position" (the encoder's norms take statistics over the
-        channels at each position, so a token depends on its receptive field only: stabler tokens across frames)."""
+        channels at each position, so a token depends on its receptive field only: stabler tokens across frames).
+        `encoder_receptive`: "wide" (diffusers' layout) or "local" (a token sees its own patch plus a one-pixel rim,
+        see `Encoder`; pair it with `encoder_norm: position`, else GroupNorm's statistics still span the image)."""
         super().__init__()
         attention_levels = list(attention_levels or [])
         self.embed_dim = embed_dim or latent_channels
         self.downsample_factor = 2 ** (len(block_out_channels) - 1)
         args = (latent_channels, block_out_channels, layers_per_block, norm_num_groups, attention_levels, mid_attention)
-        self.encoder = Encoder(in_channels, *args)
+        if encoder_receptive not in ("wide", "local"):
+            raise ValueError(f"encoder_receptive: {encoder_receptive!r} is not 'wide' or 'local'")
+        self.encoder = Encoder(in_channels, *args, local=encoder_receptive == "local")
         if encoder_norm == "position":
             _position_norms(self.encoder)
         elif encoder_norm != "group":

@@ -100,3 +100,42 @@ def test_position_norm_has_group_norm_parameter_names():
     assert group.state_dict().keys() == position.state_dict().keys()
     with pytest.raises(ValueError, match="encoder_norm"):
         Autoencoder([8, 16], 1, 4, None, 4, [], False, encoder_norm="batch")
+
+
+def _token_window_edit(encoder_receptive: str) -> tuple[bool, bool]:
+    """Token (3, 3) of a 32 px image at f = 4 sees pixels 11..16 in a local encoder (its patch 12..15 plus a rim):
+    rewrite every pixel outside that window, then one pixel inside its patch; does the token's latent change?"""
+    torch.manual_seed(0)
+    ae = Autoencoder(
+        [8, 16, 16], 1, 4, None, 4, [], False, encoder_norm="position", encoder_receptive=encoder_receptive
+    ).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    outside = torch.rand_like(x) * 2 - 1
+    outside[:, :, 11:17, 11:17] = x[:, :, 11:17, 11:17]
+    inside = x.clone()
+    inside[:, :, 13, 14] = -x[:, :, 13, 14]
+    with torch.no_grad():
+        base, far, near = (ae.encode(image)[0, :, 3, 3] for image in (x, outside, inside))
+    assert ae.encode(x).shape == (1, 4, 8, 8)
+    return not torch.equal(base, far), not torch.equal(base, near)
+
+
+def test_local_encoder_token_sees_only_its_patch_and_rim():
+    assert _token_window_edit("local") == (False, True)
+    assert _token_window_edit("wide") == (True, True)  # 3x3 resnets, downsamples and mid block reach much farther
+
+
+def test_local_encoder_keys_and_shapes():
+    wide = Autoencoder([8, 16, 16], 1, 4, None, 4, [], False)
+    local = Autoencoder([8, 16, 16], 1, 4, None, 4, [], False, encoder_receptive="local")
+    wide_keys = [k for k in wide.state_dict() if not k.startswith("encoder.mid_block.")]
+    assert list(local.state_dict()) == wide_keys  # the same names; only the mid block is gone
+    assert local.encoder.down_blocks[0].resnets[0].conv1.kernel_size == (1, 1)
+    assert local.encoder.down_blocks[0].downsamplers[0].conv.kernel_size == (2, 2)
+    assert local.encoder.conv_out.kernel_size == (1, 1) and local.encoder.conv_in.kernel_size == (3, 3)
+    assert local.decoder.state_dict().keys() == wide.decoder.state_dict().keys()
+    assert local.decode(local.encode(torch.zeros(1, 3, 32, 32))).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="encoder_receptive"):
+        Autoencoder([8, 16], 1, 4, None, 4, [], False, encoder_receptive="narrow")
+    with pytest.raises(ValueError, match="attention"):
+        Autoencoder([8, 16], 1, 4, None, 4, [], True, encoder_receptive="local")
