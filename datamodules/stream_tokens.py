@@ -51,15 +51,6 @@ def pack_window(tokens: np.ndarray, starts: np.ndarray, position: int, seq_len: 
     return out
 
 
-def unpack_window(item: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """`pack_window`'s inverse: the window's tokens [n + 1], its start marks [T] (bool) and its position."""
-    raw = np.ascontiguousarray(item[seq_len + 1 :]).view(np.uint8)
-    nbits = (seq_len + 7) // 8
-    marks = np.unpackbits(raw[:nbits], count=seq_len).astype(bool)
-    position, length = raw[nbits : nbits + 16].view("<i8")
-    return item[:length], marks, int(position)
-
-
 def window_item(stream: TokenStream, start: int, length: int, seq_len: int, pad_id: int) -> np.ndarray:
     """The stored window of `length` stream tokens from `start` (see the module docstring)."""
     s = stream.sentence_starts

@@ -5,7 +5,7 @@ litdata's `StreamingDataset` reads each source: chunks downloaded on first use i
 `CombinedStreamingDataset` + `StreamingDataLoader`: at litdata 0.2.76 a weighted combination draws sources at random
 per worker and resumes only on the world size, worker count and batch size it was saved with. The plan draws each
 source without replacement by weight, the same on any number of ranks, so a resumed epoch continues exactly. Items
-become the same `TokenBatch` rows as local shards give (`collate_windows`), doc ids included.
+become the same `TokenBatch` rows as local shards give, doc ids included, decoded a batch at a time (`__getitems__`).
 """
 
 from __future__ import annotations
@@ -23,30 +23,35 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules import stream_store
 from datamodules.mix_plan import MixOrder
 from datamodules.order import OrderSampler, TrainLoader
-from datamodules.stream_tokens import FORMAT, MARKER, SENTENCES, VERSION, unpack_window
-from datamodules.tokens import collate_windows
-from lvm_pl.batches import IGNORE_INDEX
+from datamodules.stream_tokens import FORMAT, MARKER, SENTENCES, VERSION
+from lvm_pl.batches import IGNORE_INDEX, TokenBatch
 from lvm_pl.console import UserError, say
 from lvm_pl.stage_data import SentenceIndex, StageData
 from lvm_pl.tokens import TokenLayout
 
 
-def window_tensors(item: np.ndarray, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """A stored window (`pack_window`) -> the [T] tensors `PackedWindows` yields (padding after a short tail)."""
-    tokens, marks, position = unpack_window(item, seq_len)
-    window = tokens.astype(np.int64)
-    n = len(window) - 1
-    doc_ids = np.cumsum(marks, dtype=np.int64)
-    input_ids = np.full(seq_len, pad_id, dtype=np.int64)
-    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-    input_ids[:n], labels[:n] = window[:-1], window[1:]
-    doc_ids[n:] = -1
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "doc_ids": torch.from_numpy(doc_ids),
-        "position": position,
-    }
+def window_batch(items: list[np.ndarray], seq_len: int, pad_id: int) -> TokenBatch:
+    """Stored windows (`pack_window`, one [width] array each) -> their `TokenBatch`, decoded together: the rows
+    `PackedWindows` gives for the same windows (padding after a short tail)."""
+    stored = np.stack(items)  # [B, width]
+    tail = np.ascontiguousarray(stored[:, seq_len + 1 :]).view(np.uint8)  # [B, bytes]: start marks, position, length
+    nbits = (seq_len + 7) // 8
+    marks = np.unpackbits(tail[:, :nbits], axis=1, count=seq_len)  # [B, T]
+    info = np.ascontiguousarray(tail[:, nbits : nbits + 16]).view("<i8")  # [B, 2]
+    tokens = torch.from_numpy(stored[:, : seq_len + 1].astype(np.int64))  # [B, T + 1]
+    pad = torch.from_numpy(np.arange(seq_len)[None, :] >= info[:, 1:2] - 1)  # [B, T]: past the window's n labels
+    doc_ids = torch.from_numpy(np.cumsum(marks, axis=1, dtype=np.int64)).masked_fill_(pad, -1)
+    return TokenBatch(
+        input_ids=tokens[:, :-1].masked_fill(pad, pad_id),
+        labels=tokens[:, 1:].masked_fill(pad, IGNORE_INDEX),
+        doc_ids=doc_ids,
+        positions=torch.from_numpy(info[:, 0].copy()),
+    )
+
+
+def first(items: list[TokenBatch]) -> TokenBatch:
+    """The DataLoader's collate for `StreamedWindows`: its `__getitems__` returns the batch already made."""
+    return items[0]
 
 
 class StreamedSource:
@@ -97,7 +102,7 @@ class StreamedWindows(Dataset):
         with stream_store.named_faults(url):
             return StreamingDataset(url, item_loader=TokensLoader(block_size=width), **kwargs)
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+    def _read(self, key: tuple[int, int] | int) -> np.ndarray:
         if not self._primed:
             for url, dataset in zip(self.urls, self.datasets, strict=True):
                 with stream_store.named_faults(url):
@@ -105,8 +110,21 @@ class StreamedWindows(Dataset):
             self._primed = True
         source, i = key if isinstance(key, tuple) else (0, key)
         with stream_store.named_faults(self.urls[source]):
-            item = self.datasets[source][int(i)]
-        return window_tensors(item, self.seq_len, self.pad_id)
+            return self.datasets[source][int(i)]
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+        """One window as the [T] tensors `PackedWindows` yields."""
+        batch = window_batch([self._read(key)], self.seq_len, self.pad_id)
+        return {
+            "input_ids": batch.input_ids[0],
+            "labels": batch.labels[0],
+            "doc_ids": batch.doc_ids[0],
+            "position": int(batch.positions[0]),
+        }
+
+    def __getitems__(self, keys: list) -> list[TokenBatch]:
+        """A DataLoader's batch read: the windows decoded together into one `TokenBatch` (collate with `first`)."""
+        return [window_batch([self._read(k) for k in keys], self.seq_len, self.pad_id)]
 
 
 def _sources(value: str | dict[str, float] | None, key: str) -> dict[str, float]:
@@ -198,7 +216,7 @@ class StreamingTokenDataModule(LightningDataModule, StageData):
             batch_size=self.batch_size,
             sampler=OrderSampler(size, world, rank, shuffle=False, seed=0, even=False),
             num_workers=self.num_workers,
-            collate_fn=collate_windows,
+            collate_fn=first,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -209,7 +227,7 @@ class StreamingTokenDataModule(LightningDataModule, StageData):
             batch_size=self.batch_size,
             sampler=self.order.new_sampler(self.trainer),
             num_workers=self.num_workers,
-            collate_fn=collate_windows,
+            collate_fn=first,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
