@@ -175,10 +175,10 @@ def drawn(next_frame: dict) -> list[str]:
     family's token accuracy (analogies: beside copying the query B), each beside the copy baseline."""
 
     def pair(d: dict, what: str, unit: str = "", scale: float = 1.0) -> str:
-        got, copy = d.get(f"predicted_{what}"), d.get(f"copy_last_{what}")
+        got, copy, floor = (d.get(f"{name}_{what}") for name in ("predicted", "copy_last", "reconstruction"))
         digits = 0 if unit == "%" else 2
         show = lambda x: "n/a" if x is None else f"{x * scale:.{digits}f}{unit}"  # noqa: E731
-        return f"{show(got)} (copy {show(copy)})"
+        return f"{show(got)} (copy {show(copy)}" + ("" if floor is None else f", tokenizer {show(floor)}") + ")"
 
     lines = []
     moving = next_frame.get("family/moving")

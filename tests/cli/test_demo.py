@@ -99,9 +99,13 @@ def test_the_readme_shows_the_commands_the_demo_runs(repo_root):
 def test_summary_shows_what_was_drawn_beside_the_copy_baseline():
     moving = {"examples": 4, "predicted_position_error": 1.5, "copy_last_position_error": 3.25}
     moving |= {"predicted_present": 0.75, "copy_last_present": 1.0, "predicted_token_accuracy": 0.8}
+    moving |= {"reconstruction_position_error": 0.5, "reconstruction_present": 1.0}
     edges = {"examples": 2, "predicted_psnr": 14.0, "copy_last_psnr": 11.0, "copy_last_token_accuracy": 0.01}
     lines = demo.drawn({"sequence": {}, "family/moving": moving, "family/edges": edges})
-    assert lines[0].startswith("moving      : object position error 1.50 px (copy 3.25 px), presence 75% (copy 100%)")
+    assert lines[0].startswith(
+        "moving      : object position error 1.50 px (copy 3.25 px, tokenizer 0.50 px), presence 75%"
+        " (copy 100%, tokenizer 100%)"
+    )
     assert "token accuracy 0.80 (copy n/a)" in lines[0]
     assert lines[1] == "edges       : psnr 14.00 dB (copy 11.00 dB), token accuracy n/a (copy 0.01) (2 prompts)"
 

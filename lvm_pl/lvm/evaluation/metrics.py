@@ -26,7 +26,8 @@ PSNR rewards a blur that hedges between positions, so three figures only the rig
   the centroid of those pixels in the prediction and in the truth;
 - object presence: the prediction's object area is within a factor of 2 of the truth's (a blob that faded below the
   threshold, vanished or split into a smear is absent). The position error is averaged over present objects only,
-  so read the two together.
+  so read the two together. Both are also given for the tokenizer's reconstruction of the truth: the best an LVM
+  that draws the right tokens can score.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def next_frame_quality(model: nn.Module, tokenizer: nn.Module, images: torch.Ten
         out[f"{name}_psnr"], out[f"{name}_ssim"] = float(psnr[0]), float(ssim[0])
     out["predicted_token_accuracy"] = float((predicted[0] == codes[-1]).float().mean())
     out["copy_last_token_accuracy"] = float((codes[-2] == codes[-1]).float().mean())
-    for name in ("predicted", "copy_last"):
+    for name in candidates:  # the reconstruction's: the floor the tokenizer leaves the LVM
         out |= {f"{name}_{k}": v for k, v in object_match(candidates[name][0], truth[0]).items()}
     return out
 
