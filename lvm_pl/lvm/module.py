@@ -72,6 +72,11 @@ class LVM(LightningModule):
 
     `non_finite`: a NaN/Inf training loss stops the run naming the step (`stop`; the last checkpoint stays the last
     good one) or skips that step's update (`skip`).
+
+    `changed_token_weight`: the training loss weight of an image token that differs from the token at its position in
+    the image before it (same sentence); the others weigh 1. In a video most tokens repeat, so a plain loss (1, the
+    default) is mostly won by copying; a larger weight spends the model on what moved. `train/loss` and every
+    validation and test figure stay the plain cross-entropy.
     """
 
     def __init__(
@@ -87,8 +92,11 @@ class LVM(LightningModule):
         evaluation: EvalSettings | None = None,
         generation: GenerationSettings | None = None,
         non_finite: NonFinitePolicy = "stop",
+        changed_token_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if changed_token_weight <= 0:
+            raise UserError(f"model.init_args.changed_token_weight: {changed_token_weight} must be > 0")
         self.optim = settings(OptimSettings, optim)
         self.evaluation = settings(EvalSettings, evaluation)
         self.generation = settings(GenerationSettings, generation)
@@ -220,6 +228,29 @@ class LVM(LightningModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
 
+    def _changed_tokens(self, batch: TokenBatch) -> torch.Tensor:
+        """[B, T] bool: labels that are image tokens unlike the token at their position one image earlier."""
+        n, codes = self._layout.tokens_per_image, self._layout.codebook_size
+        labels, docs = batch.labels, batch.doc_ids
+        before = F.pad(labels, (n, 0), value=IGNORE_INDEX)[:, : labels.shape[1]]  # the label n positions earlier
+        same_doc = F.pad(docs, (n, 0), value=-1)[:, : docs.shape[1]] == docs
+        image = lambda t: (t >= 0) & (t < codes)  # noqa: E731
+        return image(labels) & image(before) & same_doc & (labels != before)
+
+    def _training_loss(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to step on, the plain cross-entropy): weighted by `changed_token_weight` where it is not 1."""
+        weight = float(self.hparams.changed_token_weight)
+        if weight == 1.0:
+            loss, _ = self._loss(batch)
+            return loss, loss
+        logits = self.model(batch.input_ids, doc_ids=batch.doc_ids)  # [B, T, V]
+        flat = batch.labels.flatten()
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = (flat != IGNORE_INDEX).float()
+        weights = valid + (weight - 1.0) * self._changed_tokens(batch).flatten().float()
+        plain = (nll * valid).sum() / valid.sum().clamp(min=1)
+        return (nll * weights).sum() / weights.sum().clamp(min=1), plain.detach()
+
     def setup(self, stage: str) -> None:
         """The window handshake, before any model is built: token data without its own seq_len takes the model's
         block_size; a longer window than the model holds stops here, naming both values."""
@@ -251,11 +282,13 @@ class LVM(LightningModule):
 
     def training_step(self, batch: SentenceBatch | TokenBatch, batch_idx: int) -> torch.Tensor | None:
         batch = self.token_batch(batch)
-        loss, _ = self._loss(batch)
+        loss, plain = self._training_loss(batch)
         if not check_finite({"train/loss": loss}, self.global_step, self.hparams.non_finite):
             return None  # Lightning skips backward and the optimizer step for this batch
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
-        self.log("train/perplexity", loss.detach().exp(), batch_size=len(batch))
+        self.log("train/loss", plain, prog_bar=True, batch_size=len(batch))
+        self.log("train/perplexity", plain.detach().exp(), batch_size=len(batch))
+        if loss is not plain:
+            self.log("train/weighted_loss", loss, batch_size=len(batch))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch))
         return loss
 

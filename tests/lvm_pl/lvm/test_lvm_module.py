@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import cpu_trainer, lvm_shape
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.tokens import collate_windows
 from lvm_pl import shards
-from lvm_pl.batches import SentenceBatch
+from lvm_pl.batches import SentenceBatch, TokenBatch
 from lvm_pl.console import UserError
 from lvm_pl.lvm.model import RMSNorm
 from lvm_pl.lvm.module import LVM
@@ -267,3 +268,21 @@ def test_images_of_another_size_than_the_layout_are_a_user_error():
     batch.images = torch.nn.functional.interpolate(batch.images.flatten(0, 1), size=8).unflatten(0, (4, 3))
     with pytest.raises(UserError, match="data.image_size=8: the tokenizer makes 16 tokens"):
         lvm.token_batch(batch)
+
+
+def test_changed_token_weight_weighs_the_tokens_that_differ_from_the_image_before():
+    # two sentences [BOS, image 1, image 2, EOS], [BOS, image]: image 2 changes tokens 2 and 4 of image 1
+    stream = torch.tensor([[32, 1, 2, 3, 4, 1, 5, 3, 6, 33, 32, 7, 8, 9, 10, 33]])
+    batch = TokenBatch(stream[:, :-1], stream[:, 1:], torch.tensor([[0] * 10 + [1] * 5]))
+    lvm = small_lvm(layout=LAYOUT.to_dict(), changed_token_weight=4.0)
+    lvm.configure_model()
+    changed = lvm._changed_tokens(batch)[0]
+    assert torch.nonzero(changed).flatten().tolist() == [5, 7]  # labels 5 and 6; the next sentence's first image: none
+    loss, plain = lvm._training_loss(batch)
+    logits = lvm.model(batch.input_ids, doc_ids=batch.doc_ids)[0]
+    nll = F.cross_entropy(logits, batch.labels[0], reduction="none")
+    weights = 1 + 3 * changed.float()
+    torch.testing.assert_close(loss, (nll * weights).sum() / weights.sum())
+    torch.testing.assert_close(plain, nll.mean())  # what train/loss logs
+    with pytest.raises(UserError, match="changed_token_weight: 0"):
+        small_lvm(changed_token_weight=0)
