@@ -171,6 +171,12 @@ class LVM(LightningModule):
         self.config = LVMConfig.from_name(
             self.hparams.preset, **{**(self.hparams.overrides or {}), "vocab_size": self._layout.vocab_size}
         )
+        if self._layout.frames_that_fit(self.config.block_size) < 1:
+            least = self._layout.image_start(1) - 1  # BOS and the image, less its last token (predicted, never fed)
+            raise UserError(
+                f"model block_size={self.config.block_size} holds no whole image of {self._layout.tokens_per_image}"
+                f" tokens; set model.init_args.overrides.block_size to at least {least}"
+            )
         self.model = LLaMA(self.config)
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
         if self.hparams.init_from is not None:

@@ -286,3 +286,10 @@ def test_changed_token_weight_weighs_the_tokens_that_differ_from_the_image_befor
     torch.testing.assert_close(plain, nll.mean())  # what train/loss logs
     with pytest.raises(UserError, match="changed_token_weight: 0"):
         small_lvm(changed_token_weight=0)
+
+
+def test_a_context_that_holds_no_whole_image_is_one_line_naming_the_fix():
+    layout = TokenLayout(codebook_size=32, tokens_per_image=64, num_special=4).to_dict()
+    lvm = small_lvm(layout=layout, overrides={**SMALL, "block_size": 32})
+    with pytest.raises(UserError, match="block_size=32 holds no whole image of 64 tokens; .* at least 64$"):
+        lvm.configure_model()
