@@ -38,13 +38,16 @@ def window_batch(items: list[np.ndarray], seq_len: int, pad_id: int) -> TokenBat
     nbits = (seq_len + 7) // 8
     marks = np.unpackbits(tail[:, :nbits], axis=1, count=seq_len)  # [B, T]
     info = np.ascontiguousarray(tail[:, nbits : nbits + 16]).view("<i8")  # [B, 2]
-    tokens = torch.from_numpy(stored[:, : seq_len + 1].astype(np.int64))  # [B, T + 1]
-    pad = torch.from_numpy(np.arange(seq_len)[None, :] >= info[:, 1:2] - 1)  # [B, T]: past the window's n labels
-    doc_ids = torch.from_numpy(np.cumsum(marks, axis=1, dtype=np.int64)).masked_fill_(pad, -1)
+    input_ids = stored[:, :seq_len].astype(np.int64)  # [B, T]
+    labels = stored[:, 1 : seq_len + 1].astype(np.int64)
+    doc_ids = np.cumsum(marks, axis=1, dtype=np.int64)
+    if (info[:, 1] <= seq_len).any():  # a short tail: padding past the window's n = length - 1 labels
+        pad = np.arange(seq_len)[None, :] >= info[:, 1:2] - 1
+        input_ids[pad], labels[pad], doc_ids[pad] = pad_id, IGNORE_INDEX, -1
     return TokenBatch(
-        input_ids=tokens[:, :-1].masked_fill(pad, pad_id),
-        labels=tokens[:, 1:].masked_fill(pad, IGNORE_INDEX),
-        doc_ids=doc_ids,
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        doc_ids=torch.from_numpy(doc_ids),
         positions=torch.from_numpy(info[:, 0].copy()),
     )
 
@@ -67,6 +70,7 @@ class StreamedSource:
         self.seq_len, self.item_width = int(meta["seq_len"]), int(meta["item_width"])
         index = stream_store.read_json(stream_store.join(url, "index.json"))
         self.chunk_sizes = [int(c["chunk_size"]) for c in index["chunks"]]
+        self.chunk_files = [str(c["filename"]) for c in index["chunks"]]
         if sum(self.chunk_sizes) != meta["num_windows"]:
             raise UserError(f"{url}: index.json holds {sum(self.chunk_sizes)} windows, {MARKER} {meta['num_windows']}")
 
@@ -78,17 +82,27 @@ class StreamedSource:
 
 
 class StreamedWindows(Dataset):
-    """Windows of several `StreamedSource`s: item (source, i) (or i: source 0) is a dict of [T] tensors."""
+    """Windows of several `StreamedSource`s: item (source, i) (or i: source 0) is a dict of [T] tensors.
+
+    A DataLoader reads a batch at a time (`__getitems__`): per run of keys in one chunk, the first window through
+    litdata (which downloads and caches the chunk and keeps its own count of what was read), the others sliced at
+    once from a memory map of that cached chunk file, where litdata's `TokensLoader` would read them one by one.
+    """
+
+    KEEP_MAPS = 4  # chunk memory maps kept open (a plan visits one chunk per source at a time)
 
     def __init__(self, sources: list[StreamedSource], pad_id: int, cache_dir: str, max_cache_size: str) -> None:
         self.urls, self.seq_len, self.pad_id = [s.url for s in sources], sources[0].seq_len, pad_id
         self.cache_dir, self.max_cache_size = cache_dir, max_cache_size
+        self.chunk_starts = [np.cumsum([0, *s.chunk_sizes]) for s in sources]  # [source][chunk + 1]
+        self.chunk_files = [s.chunk_files for s in sources]
         # opened here, so workers share the index.json downloaded once
         self.datasets = [self._open(s.url, s.item_width) for s in sources]
         self._primed = False
+        self._maps: dict[tuple[int, int], np.ndarray | None] = {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_primed": False}  # litdata readers reopen in each worker
+        return {**self.__dict__, "_primed": False, "_maps": {}}  # litdata readers reopen in each worker
 
     def _open(self, url: str, width: int):
         from litdata import StreamingDataset
@@ -124,7 +138,39 @@ class StreamedWindows(Dataset):
 
     def __getitems__(self, keys: list) -> list[TokenBatch]:
         """A DataLoader's batch read: the windows decoded together into one `TokenBatch` (collate with `first`)."""
-        return [window_batch([self._read(k) for k in keys], self.seq_len, self.pad_id)]
+        pairs = [k if isinstance(k, tuple) else (0, k) for k in keys]
+        source = np.asarray([s for s, _ in pairs], dtype=np.int64)
+        item = np.asarray([i for _, i in pairs], dtype=np.int64)
+        chunk = np.asarray([np.searchsorted(self.chunk_starts[s], i, side="right") - 1 for s, i in pairs])
+        rows: list[np.ndarray | None] = [None] * len(pairs)
+        bounds = np.flatnonzero((np.diff(source) != 0) | (np.diff(chunk) != 0)) + 1
+        for run in np.split(np.arange(len(pairs)), bounds):  # runs of keys in one chunk, in the plan's order
+            s, c, first_key = int(source[run[0]]), int(chunk[run[0]]), pairs[run[0]]
+            rows[run[0]] = head = self._read(first_key)  # through litdata: the chunk is fetched and counted
+            mapped = self._chunk_map(s, c, head.dtype, head.shape[0])
+            if mapped is None:  # not a file here (litdata laid its cache out otherwise): one by one through it
+                for r in run[1:]:
+                    rows[r] = self._read(pairs[r])
+                continue
+            local = item[run[1:]] - self.chunk_starts[s][c]
+            for r, window in zip(run[1:], mapped[local], strict=True):
+                rows[r] = window
+        return [window_batch(rows, self.seq_len, self.pad_id)]
+
+    def _chunk_map(self, source: int, chunk: int, dtype: np.dtype, width: int) -> np.ndarray | None:
+        """[chunk_size, width] memory map of chunk `chunk` of `source` as litdata wrote it (a uint32 item count and
+        chunk_size + 1 offsets, then the fixed-width items), from the folder litdata reads it from; None if absent."""
+        key = (source, chunk)
+        if key not in self._maps:
+            folder = self.datasets[source].input_dir.path  # the source itself, or litdata's cache folder of it
+            path = os.path.join(folder or "", self.chunk_files[source][chunk])
+            size = int(self.chunk_starts[source][chunk + 1] - self.chunk_starts[source][chunk])
+            offset = (1 + size + 1) * 4
+            fits = os.path.isfile(path) and os.path.getsize(path) >= offset + size * width * dtype.itemsize
+            self._maps[key] = np.memmap(path, dtype, "r", offset, (size, width)) if fits else None
+            while len(self._maps) > self.KEEP_MAPS:
+                self._maps.pop(next(iter(self._maps)))
+        return self._maps[key]
 
 
 def _sources(value: str | dict[str, float] | None, key: str) -> dict[str, float]:
